@@ -1,0 +1,132 @@
+"""Checks huginn-jax against golden outputs of the official PyTorch implementation.
+
+Runs every case of the fixture's `cases.json` and prints one row per case:
+- forward cases: logits and latents at each listed depth (and from given input states) within a
+  relative error of `--rtol` (largest absolute difference over the largest reference magnitude);
+- generate cases: the greedy tokens, and the statistics where the case records them.
+A case whose options select a sampler that is not implemented yet fails and says so; nothing is
+skipped. Ends with `reference_check: P/N cases pass` and exits non-zero unless all pass.
+
+    python -m experiments.reference_check [--fixture_dir DIR]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.common import quiet_jax_logs
+from huginn_jax.config import HuginnConfig
+from huginn_jax.loading import load_hf_checkpoint
+from huginn_jax.model import forward
+from samplers import UnsupportedSamplerError, generate
+
+DEFAULT_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "huginn-reference-tiny"
+MAX_NEW_TOKENS = 24  # the fixture's generate cases all use max_new_tokens=24 and init_scale=0
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("fixture_dir", str(DEFAULT_FIXTURE), "Folder with checkpoint/, arrays.npz and cases.json.")
+flags.DEFINE_float("rtol", 1e-5, "Largest allowed relative error of forward logits and latents.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixture:
+    config: HuginnConfig
+    params: dict
+    arrays: Any  # an NpzFile
+    cases: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+def load_fixture(fixture_dir: str | os.PathLike[str] = DEFAULT_FIXTURE) -> Fixture:
+    fixture_dir = Path(fixture_dir)
+    config, params = load_hf_checkpoint(fixture_dir / "checkpoint")
+    with open(fixture_dir / "cases.json", encoding="utf-8") as f:
+        cases = json.load(f)["cases"]
+    return Fixture(config, params, np.load(fixture_dir / "arrays.npz"), cases)
+
+
+def case_name(case: dict) -> str:
+    return case.get("name") or f"forward_{case['input_ids'].removesuffix('_input_ids')}"
+
+
+def relative_error(ours: Any, reference: np.ndarray) -> float:
+    return float(np.abs(np.asarray(ours, np.float64) - reference).max() / np.abs(reference).max())
+
+
+def run_forward_case(fixture: Fixture, case: dict, rtol: float) -> CaseResult:
+    ids = fixture.arrays[case["input_ids"]]
+    prefix = case["input_ids"].removesuffix("_input_ids")
+    errors = {}
+    for steps in case["steps"]:
+        out = forward(fixture.params, ids, steps, config=fixture.config, init_scale=case["init_scale"])
+        errors[f"logits@{steps}"] = relative_error(out.logits, fixture.arrays[f"{prefix}_steps{steps}_logits"])
+        errors[f"latents@{steps}"] = relative_error(out.latents, fixture.arrays[f"{prefix}_steps{steps}_latents"])
+    from_state = case.get("from_state")
+    if from_state:
+        states = jnp.asarray(fixture.arrays[from_state["input_states"]])
+        out = forward(fixture.params, ids, from_state["steps"], config=fixture.config, input_states=states)
+        key = f"{prefix}_from_state_steps{from_state['steps']}_logits"
+        errors[f"from_state@{from_state['steps']}"] = relative_error(out.logits, fixture.arrays[key])
+    worst = max(errors, key=errors.get)
+    return CaseResult(case_name(case), errors[worst] <= rtol,
+                      f"{len(errors)} arrays, largest relative error {errors[worst]:.2e} ({worst}), rtol {rtol:.0e}")
+
+
+def run_generate_case(fixture: Fixture, case: dict) -> CaseResult:
+    name = case_name(case)
+    prompt = fixture.arrays[case["prompt"]]
+    try:
+        out = generate(fixture.params, prompt, config=fixture.config, max_new_tokens=MAX_NEW_TOKENS,
+                       init_scale=0.0, **case["options"])
+    except (UnsupportedSamplerError, TypeError) as err:
+        return CaseResult(name, False, f"unsupported: {err}")
+    # Samplers may freeze or accept past max_new_tokens (the fixture records all of it): compare
+    # the tokens that every sampler must produce.
+    got, want = out.sequences()[0], case["new_tokens"]
+    compared = min(len(want), MAX_NEW_TOKENS)
+    if got[:compared] != want[:compared]:
+        return CaseResult(name, False, f"tokens differ: got {got}, want {want}")
+    if "stats" in case:
+        return CaseResult(name, False, "unsupported: this sampler does not report the case's statistics yet")
+    return CaseResult(name, True, f"{compared} tokens identical")
+
+
+def run_case(fixture: Fixture, case: dict, rtol: float = 1e-5) -> CaseResult:
+    if case["kind"] == "forward":
+        return run_forward_case(fixture, case, rtol)
+    if case["kind"] == "generate":
+        return run_generate_case(fixture, case)
+    return CaseResult(case_name(case), False, f"unknown case kind {case['kind']!r}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    quiet_jax_logs()
+    fixture = load_fixture(FLAGS.fixture_dir)
+    results = []
+    for case in fixture.cases:
+        result = run_case(fixture, case, FLAGS.rtol)
+        results.append(result)
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:<42} {result.detail}", flush=True)
+    passed = sum(r.passed for r in results)
+    print(f"reference_check: {passed}/{len(results)} cases pass")
+    sys.exit(0 if passed == len(results) else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,149 @@
+"""The reference (Hugging Face) tensor layout: official key names, shapes, and the exact mapping
+between each official tensor and our parameter arrays, in both directions.
+
+The official layout fuses q/k/v into `attn.Wqkv.weight`, gate/up into `mlp.fc.weight`, stores the
+q and k biases together in `attn.qk_bias`, and keeps torch's [out, in] weight orientation. Every
+mapping below is a pure reshape/transpose/split, so a round trip is bit-exact. The `freqs_cis`
+buffer is recomputed, never a parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+from huginn_jax.config import HuginnConfig
+from huginn_jax.params import BLOCK_GROUPS
+
+HF_GROUP_PREFIX = {"prelude": "transformer.prelude", "core": "transformer.core_block", "coda": "transformer.coda"}
+LM_HEAD = "lm_head.weight"
+ROPE_BUFFER = "freqs_cis"
+NON_PARAMETER_KEYS = frozenset({ROPE_BUFFER})
+
+LayerArrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTensor:
+    """One official tensor of a sandwich block and how it maps onto our per-layer arrays."""
+
+    suffix: str
+    shape: Callable[[HuginnConfig], tuple[int, ...]]
+    to_ours: Callable[[np.ndarray, HuginnConfig], LayerArrays]
+    to_hf: Callable[[LayerArrays, HuginnConfig], np.ndarray]
+    needs_qk_bias: bool = False
+
+
+def _split_qkv(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
+    e, h, k, d = c.n_embd, c.n_heads, c.num_key_value_heads, c.head_dim
+    q, kk, v = np.split(w, [h * d, (h + k) * d], axis=0)
+    return {"wq": q.T.reshape(e, h, d), "wk": kk.T.reshape(e, k, d), "wv": v.T.reshape(e, k, d)}
+
+
+def _fuse_qkv(p: LayerArrays, c: HuginnConfig) -> np.ndarray:
+    e = c.n_embd
+    return np.concatenate([p[n].reshape(e, -1).T for n in ("wq", "wk", "wv")], axis=0)
+
+
+def _split_fc(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
+    gate, up = np.split(w, 2, axis=0)
+    return {"w_gate": gate.T, "w_up": up.T}
+
+
+def _norm_tensor(index: int) -> BlockTensor:
+    name = f"norm_{index}"
+    return BlockTensor(f"{name}.weight", lambda c: (c.n_embd,), lambda w, c: {name: w}, lambda p, c: p[name])
+
+
+BLOCK_TENSORS: tuple[BlockTensor, ...] = (
+    BlockTensor("attn.Wqkv.weight",
+                lambda c: ((c.n_heads + 2 * c.num_key_value_heads) * c.head_dim, c.n_embd),
+                _split_qkv, _fuse_qkv),
+    BlockTensor("attn.qk_bias",
+                lambda c: (2, 1, c.n_heads, c.head_dim),
+                lambda b, c: {"q_bias": b[0, 0], "k_bias": b[1, 0]},
+                lambda p, c: np.stack([p["q_bias"], p["k_bias"]])[:, None],
+                needs_qk_bias=True),
+    BlockTensor("attn.proj.weight",
+                lambda c: (c.n_embd, c.n_heads * c.head_dim),
+                lambda w, c: {"wo": w.T.reshape(c.n_heads, c.head_dim, c.n_embd)},
+                lambda p, c: p["wo"].reshape(-1, c.n_embd).T),
+    BlockTensor("mlp.fc.weight",
+                lambda c: (2 * c.intermediate_size, c.n_embd),
+                _split_fc,
+                lambda p, c: np.concatenate([p["w_gate"].T, p["w_up"].T], axis=0)),
+    BlockTensor("mlp.proj.weight",
+                lambda c: (c.n_embd, c.intermediate_size),
+                lambda w, c: {"w_down": w.T},
+                lambda p, c: p["w_down"].T),
+    *(_norm_tensor(i) for i in range(1, 5)),
+)
+
+
+def n_layers(config: HuginnConfig, group: str) -> int:
+    return {"prelude": config.n_layers_in_prelude, "core": config.n_layers_in_recurrent_block,
+            "coda": config.n_layers_in_coda}[group]
+
+
+def block_tensors(config: HuginnConfig) -> Iterator[tuple[str, int, BlockTensor]]:
+    """(group, layer, tensor) for every block tensor the checkpoint of `config` holds."""
+    for group in BLOCK_GROUPS:
+        for i in range(n_layers(config, group)):
+            for tensor in BLOCK_TENSORS:
+                if config.qk_bias or not tensor.needs_qk_bias:
+                    yield group, i, tensor
+
+
+def block_key(group: str, layer: int, tensor: BlockTensor) -> str:
+    return f"{HF_GROUP_PREFIX[group]}.{layer}.{tensor.suffix}"
+
+
+def hf_shapes(config: HuginnConfig) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape of every parameter tensor. `lm_head.weight` is listed only when the
+    head is untied; a tied checkpoint may still store it (as a copy of the embedding)."""
+    e = config.n_embd
+    shapes = {"transformer.wte.weight": (config.vocab_size, e),
+              "transformer.adapter.weight": (e, 2 * e),
+              "transformer.ln_f.weight": (e,)}
+    if not config.tie_embeddings:
+        shapes[LM_HEAD] = (config.vocab_size, e)
+    for group, i, tensor in block_tensors(config):
+        shapes[block_key(group, i, tensor)] = tensor.shape(config)
+    return shapes
+
+
+def params_from_hf(get: Callable[[str], np.ndarray], config: HuginnConfig) -> dict:
+    """Our parameter tree (numpy, in the checkpoint's dtype) from a getter of official tensors.
+
+    Assumes the keys and shapes were validated (see `huginn_jax.loading`).
+    """
+    params: dict = {"wte": get("transformer.wte.weight"),
+                    "adapter": get("transformer.adapter.weight").T,
+                    "ln_f": get("transformer.ln_f.weight")}
+    if not config.tie_embeddings:
+        params["lm_head"] = get(LM_HEAD)
+    for group in BLOCK_GROUPS:
+        params[group] = [{} for _ in range(n_layers(config, group))]
+    for group, i, tensor in block_tensors(config):
+        params[group][i].update(tensor.to_ours(get(block_key(group, i, tensor)), config))
+    return params
+
+
+def params_to_hf(params: dict, config: HuginnConfig, include_tied_head: bool = False) -> dict[str, np.ndarray]:
+    """Official key -> tensor (numpy, contiguous) for our parameter tree."""
+    out = {"transformer.wte.weight": np.asarray(params["wte"]),
+           "transformer.adapter.weight": np.asarray(params["adapter"]).T,
+           "transformer.ln_f.weight": np.asarray(params["ln_f"])}
+    if not config.tie_embeddings:
+        out[LM_HEAD] = np.asarray(params["lm_head"])
+    elif include_tied_head:
+        out[LM_HEAD] = out["transformer.wte.weight"]
+    for group in BLOCK_GROUPS:
+        for i, block in enumerate(params[group]):
+            layer_arrays = {name: np.asarray(arr) for name, arr in block.items()}
+            for tensor in BLOCK_TENSORS:
+                if config.qk_bias or not tensor.needs_qk_bias:
+                    out[block_key(group, i, tensor)] = tensor.to_hf(layer_arrays, config)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

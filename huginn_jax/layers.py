@@ -1,0 +1,101 @@
+"""The building blocks of a Huginn model as pure functions over parameter dicts.
+
+Shapes: B batch, T tokens in this call, S key positions, E width, H heads, K kv heads,
+D head dim, M intermediate size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from huginn_jax.config import HuginnConfig
+from huginn_jax.kv_cache import KVCache
+
+Array = jax.Array
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, cast back to x's dtype, then scaled (the reference's order)."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_angles(positions: Array, head_dim: int, base: float) -> tuple[Array, Array]:
+    """cos, sin [B, T, D/2] of the rotary angles position * base^(-2i/D), in float32."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, D], the reference's complex pairing."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.stack([re * cos - im * sin, im * cos + re * sin], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array) -> Array:
+    """Causal attention by absolute position: query t sees keys whose position is <= its own.
+
+    q [B, T, H, D]; k, v [B, K, S, D] (the cache's layout); q_pos [B, T]; k_pos [B or 1, S].
+    Returns [B, T, H * D]. Scores and softmax in float32; every query sees at least its own key,
+    so no row is empty.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    visible = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+def attention(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
+              cache: KVCache | None, slot: Any) -> tuple[Array, KVCache | None]:
+    """Self-attention with the learned q/k bias; with a cache, writes this call's keys into `slot`
+    and attends over the slot's whole buffer (positions past the query are masked)."""
+    q = jnp.einsum("bte,ehd->bthd", x, p["wq"])
+    k = jnp.einsum("bte,ekd->btkd", x, p["wk"])
+    v = jnp.einsum("bte,ekd->btkd", x, p["wv"])
+    if "q_bias" in p:
+        q = q + p["q_bias"]
+        k = k + p["k_bias"]
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    if cache is None:
+        keys, values, key_pos = k, v, positions
+    else:
+        cache = cache.write(slot, k, v, positions)
+        keys, values = cache.read(slot)
+        key_pos = jnp.arange(cache.length)[None, :]
+    out = dot_product_attention(q, keys, values, positions, key_pos)
+    # wo as a [H * D, E] matrix: contracting (h, d) as one axis keeps XLA from transposing the weight.
+    wo = p["wo"].reshape(-1, p["wo"].shape[-1])
+    return jnp.einsum("btf,fe->bte", out, wo), cache
+
+
+def gated_mlp(p: dict[str, Array], x: Array) -> Array:
+    """silu(x W_gate) * (x W_up), projected back: the reference's GatedMLP with its fused fc split."""
+    gate = jnp.einsum("bte,em->btm", x, p["w_gate"])
+    up = jnp.einsum("bte,em->btm", x, p["w_up"])
+    return jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"])
+
+
+def sandwich_block(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
+                   config: HuginnConfig, cache: KVCache | None, slot: Any) -> tuple[Array, KVCache | None]:
+    """x = n2(attn(n1(x)) + x); x = n4(mlp(n3(x)) + x)."""
+    eps = config.norm_eps
+    attn_out, cache = attention(p, rms_norm(x, p["norm_1"], eps), positions, rope, cache, slot)
+    x = rms_norm(attn_out + x, p["norm_2"], eps)
+    x = rms_norm(gated_mlp(p, rms_norm(x, p["norm_3"], eps)) + x, p["norm_4"], eps)
+    return x, cache
+

@@ -1,0 +1,147 @@
+"""One description of every parameter: shape, dtype, logical axes and initializer.
+
+`param_specs` is the single source that initialization (`init_params`), checkpoint loading and
+export (`huginn_jax.hf_layout`), and sharding over a device mesh (`logical_axes`) all read, so that
+none of them repeats the model's shapes.
+
+Layout (weights are [in, out] so that activations multiply from the left; each block group is a
+list with one dict per layer, so that a layer's weights are separate buffers: slicing a stacked
+array inside the recurrence loop would copy the weights at every step):
+
+    wte      [vocab, embed]                  token embedding, also the head when tied
+    prelude / core / coda: lists of blocks, each a dict of
+        norm_1..norm_4 [embed]               sandwich norms
+        wq [embed, heads, head_dim]  wk, wv [embed, kv_heads, head_dim]  wo [heads, head_dim, embed]
+        q_bias [heads, head_dim]  k_bias [kv_heads, head_dim]   (only with qk_bias)
+        w_gate, w_up [embed, mlp]  w_down [mlp, embed]
+    adapter  [2 * embed, embed]              input injection on concat([state, embeds])
+    ln_f     [embed]                         final norm, used before and after the coda
+    lm_head  [vocab, embed]                  only when embeddings are not tied
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from huginn_jax.config import HuginnConfig
+
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+Params = dict[str, Any]
+
+BLOCK_GROUPS = ("prelude", "core", "coda")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """What one parameter array is: its shape, dtype, the logical name of each axis, how to init it."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    logical_axes: tuple[str, ...]
+    initializer: Initializer
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.logical_axes):
+            raise ValueError(f"shape {self.shape} and logical axes {self.logical_axes} differ in rank")
+
+
+def truncated_normal(std: float) -> Initializer:
+    """Normal with the given std truncated at +-3 std, the reference's `_normal_`."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return (jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
+def constant(value: float) -> Initializer:
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        del key
+        return jnp.full(shape, value, dtype)
+
+    return init
+
+
+def block_specs(config: HuginnConfig, dtype: Any) -> dict[str, ParamSpec]:
+    """The parameters of one sandwich block."""
+    e, h, kv, d, m = (config.n_embd, config.n_heads, config.num_key_value_heads, config.head_dim,
+                      config.intermediate_size)
+    std, out_std = config.init_std, config.out_proj_std
+
+    def spec(shape: tuple[int, ...], axes: tuple[str, ...], init: Initializer) -> ParamSpec:
+        return ParamSpec(shape, dtype, axes, init)
+
+    specs = {f"norm_{i}": spec((e,), ("embed",), constant(1.0)) for i in range(1, 5)}
+    specs.update(
+        wq=spec((e, h, d), ("embed", "heads", "head_dim"), truncated_normal(std)),
+        wk=spec((e, kv, d), ("embed", "kv_heads", "head_dim"), truncated_normal(std)),
+        wv=spec((e, kv, d), ("embed", "kv_heads", "head_dim"), truncated_normal(std)),
+        wo=spec((h, d, e), ("heads", "head_dim", "embed"), truncated_normal(out_std)),
+        # The reference initialises the two halves of its fused fc differently (gate: std, up: out_proj).
+        w_gate=spec((e, m), ("embed", "mlp"), truncated_normal(std)),
+        w_up=spec((e, m), ("embed", "mlp"), truncated_normal(out_std)),
+        w_down=spec((m, e), ("mlp", "embed"), truncated_normal(out_std)),
+    )
+    if config.qk_bias:
+        specs.update(
+            q_bias=spec((h, d), ("heads", "head_dim"), constant(0.0)),
+            k_bias=spec((kv, d), ("kv_heads", "head_dim"), constant(0.0)),
+        )
+    return specs
+
+
+def param_specs(config: HuginnConfig, dtype: Any = jnp.float32) -> Params:
+    """The full parameter tree of `config`, as `ParamSpec` leaves."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"parameters must be float32 or bfloat16, not {dtype}")
+    e, v, std = config.n_embd, config.vocab_size, config.init_std
+    specs: Params = {
+        "wte": ParamSpec((v, e), dtype, ("vocab", "embed"), truncated_normal(std)),
+        "prelude": [block_specs(config, dtype) for _ in range(config.n_layers_in_prelude)],
+        "adapter": ParamSpec((2 * e, e), dtype, ("embed_concat", "embed"), truncated_normal(std)),
+        "core": [block_specs(config, dtype) for _ in range(config.n_layers_in_recurrent_block)],
+        "coda": [block_specs(config, dtype) for _ in range(config.n_layers_in_coda)],
+        "ln_f": ParamSpec((e,), dtype, ("embed",), constant(1.0)),
+    }
+    if not config.tie_embeddings:
+        specs["lm_head"] = ParamSpec((v, e), dtype, ("vocab", "embed"), truncated_normal(std))
+    return specs
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_params(config: HuginnConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters with the reference's 'takase' initialization, one PRNG key per array."""
+    specs = param_specs(config, dtype)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+
+    @jax.jit
+    def make(keys: jax.Array) -> list[jax.Array]:
+        return [s.initializer(k, s.shape, s.dtype) for s, k in zip(leaves, keys)]
+
+    return jax.tree.unflatten(treedef, make(keys))
+
+
+def abstract_params(config: HuginnConfig, dtype: Any = jnp.float32) -> Params:
+    """`jax.ShapeDtypeStruct` leaves, for shape checks and ahead-of-time lowering."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_specs(config, dtype),
+                        is_leaf=is_spec)
+
+
+def logical_axes(config: HuginnConfig) -> Params:
+    """The logical axis names of every parameter, the input to a sharding rule."""
+    return jax.tree.map(lambda s: s.logical_axes, param_specs(config), is_leaf=is_spec)
+
+
+def count_params(config: HuginnConfig) -> int:
+    """Number of scalars in the parameter tree (the tied head counted once)."""
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(config), is_leaf=is_spec))
