@@ -51,6 +51,7 @@ def attention_views(capacity: int, smallest: int = 128) -> list[int]:
 
 
 def check_strategy(strategy: str) -> str:
+    """The strategy name, or a ValueError listing the known ones."""
     if strategy not in CACHE_STRATEGIES:
         raise ValueError(f"unknown cache_lookup_strategy {strategy!r}; choose one of {list(CACHE_STRATEGIES)}")
     return strategy
@@ -101,17 +102,13 @@ class KVCache:
     visible: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, config: HuginnConfig, layout: CacheLayout, batch: int, length: int,
+    def create(cls, config: HuginnConfig, layout: CacheLayout, batch: int, capacity: int,
                dtype: Any = jnp.float32) -> "KVCache":
-        """A zeroed cache for `batch` sequences of up to `length` positions."""
-        if length > config.block_size:
-            raise ValueError(f"a cache of {length} positions exceeds the context of {config.block_size}")
-        shape = (layout.n_slots, batch, config.num_key_value_heads, length, config.head_dim)
+        """A zeroed cache for `batch` sequences of up to `capacity` positions."""
+        if capacity > config.block_size:
+            raise ValueError(f"a cache of {capacity} positions exceeds the context of {config.block_size}")
+        shape = (layout.n_slots, batch, config.num_key_value_heads, capacity, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), layout)
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
 
     @property
     def capacity(self) -> int:
@@ -145,6 +142,3 @@ class KVCache:
         """Keys and values [B, kv_heads, length, head_dim] of `slot`; entry i is position i."""
         return tuple(jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False)[:, :, : self.length]
                      for a in (self.k, self.v))
-
-    def nbytes(self) -> int:
-        return self.k.size * self.k.dtype.itemsize * 2

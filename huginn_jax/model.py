@@ -124,8 +124,8 @@ def forward(params: Params, input_ids: Array, num_steps: Array | int, *, config:
         if init_scale != 0:
             raise ValueError("init_scale > 0 draws a random initial state: pass a PRNG key")
         key = jax.random.key(0)  # multiplied by init_scale = 0 below
-    return _forward(params, input_ids, num_steps, config=config, key=key, init_scale=init_scale,
-                    input_states=input_states)
+    return _forward(params, input_ids, jnp.int32(num_steps), config=config, key=key,
+                    init_scale=jnp.float32(init_scale), input_states=input_states)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -2,9 +2,10 @@
 
 Every token runs the full `num_steps` core steps. The prompt is prefilled in one pass, then a
 `lax.while_loop` on device decodes one token per iteration until every sequence has stopped or
-`max_new_tokens` are out: no Python dispatch per token or per recurrence step, one compile per
-(batch, padded prompt length, max_new_tokens, cache strategy) whatever `num_steps`, `init_scale`
-or the sampling values.
+`max_new_tokens` are out: no Python dispatch per token or per recurrence step. One compile serves
+every `num_steps`, `init_scale` and sampling value for a given batch size, padded prompt length,
+`max_new_tokens` and cache strategy (the "full" cache holds a slot per step, so there the
+cache's shape, and with it the compile, also follows `num_steps`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     cache_lookup_strategy: "full" (a KV slot per step) or "latest-m4-compress-s4" (one per core layer).
     stop_token_ids: a sequence ends after emitting one of these (None: Huginn's stop tokens).
     key: PRNG key, required when init_scale > 0 or when sampling.
-    streamer: called on the host with each step's tokens while decoding runs.
+    streamer: called on the host with each step's tokens while decoding runs; it is compiled into
+        the program, so pass the same callable again to reuse the compiled program.
     """
     num_steps = check_num_steps(config.mean_recurrence if num_steps is None else num_steps)
     check_strategy(cache_lookup_strategy)
@@ -54,9 +56,9 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     layout = CacheLayout.create(config, cache_lookup_strategy, max(num_steps, 1))
     cache_length = min(prompts.shape[1] + max_new_tokens, config.block_size)
     cache = KVCache.create(config, layout, prompts.shape[0], cache_length, params["wte"].dtype)
-    tokens, steps, _ = _generate(params, cache, prompts, lengths, num_steps, init_scale, sampling, stops, key,
-                              config=config, max_new_tokens=max_new_tokens,
-                              continuous_compute=continuous_compute, streamer=streamer)
+    tokens, steps, _ = _generate(params, cache, prompts, lengths, jnp.int32(num_steps), jnp.float32(init_scale),
+                                 sampling, stops, key, config=config, max_new_tokens=max_new_tokens,
+                                 continuous_compute=continuous_compute, streamer=streamer)
     tokens, steps = np.asarray(tokens), np.asarray(steps)
     return GenerateOutput(tokens=tokens, lengths=(tokens != NO_TOKEN).sum(axis=1), recurrence_steps=steps)
 
