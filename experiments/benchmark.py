@@ -1,14 +1,18 @@
 """Tokens per second of each sampler on a model with random weights.
 
 Every measurement runs after warm-up (compilation) and reports the median of `--repeats` timed
-calls of the sampler, end to end (prefill included), as one JSON object per line. With
-`--reference_dir` it also times the official PyTorch implementation on the same weights, prompt
-and options in the same process, and prints the ratio: compare implementations only side by side.
+calls of the sampler, end to end (prefill included), as one JSON object per line. Ratios are
+measured side by side in one run: every sampler against static AR, and, with `--reference_dir`,
+huginn-jax against the official PyTorch implementation on the same weights, prompt and options.
 
     python -m experiments.benchmark --profile=cpu
-    python -m experiments.benchmark --profile=cpu --new_tokens=64,512
-    python -m experiments.benchmark --profile=cpu --reference_dir=/path/to/recurrent-pretraining/recpre
-    python -m experiments.benchmark --profile=huginn-0125 --batch=1,4      # on a GPU
+    python -m experiments.benchmark --profile=cpu --samplers=ar,adaptive,diffusion --reference_dir=.../recpre
+    python -m experiments.benchmark --profile=cpu --samplers=diffusion --batch=1,4,16
+    python -m experiments.benchmark --profile=huginn-0125 --samplers=ar,diffusion --diffusion_preset=paper-main
+
+Random weights do not converge, so on them the latent freeze rules decide little: the default
+diffusion setting freezes at a fixed age (`--freeze_strategy=fixed`, r'=4, no noise, no momentum,
+shared cache), which measures the sampler's parallelism.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from absl import app, flags, logging
 from experiments.common import quiet_jax_logs
 from huginn_jax.config import CPU_BENCHMARK, HUGINN_0125, TINY, HuginnConfig
 from huginn_jax.params import init_params
-from samplers import generate_minimal
+from samplers import generate_diffusion_style, generate_minimal, generate_with_adaptive_compute
+from samplers.diffusion import PRESETS as DIFFUSION_PRESETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +51,10 @@ PROFILES = {
     "tiny": Profile(TINY, jnp.float32, prompt_tokens=12, new_tokens=24, num_steps=8),
 }
 
-SAMPLERS: dict[str, Callable[..., Any]] = {"ar": generate_minimal}
+SAMPLERS: dict[str, Callable[..., Any]] = {
+    "ar": generate_minimal, "adaptive": generate_with_adaptive_compute, "diffusion": generate_diffusion_style}
+REFERENCE_METHODS = {"ar": "generate_minimal", "adaptive": "generate_with_adaptive_compute",
+                     "diffusion": "generate_diffusion_style"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("profile", "cpu", list(PROFILES), "Model shape, dtype, prompt and generation lengths.")
@@ -55,13 +63,25 @@ flags.DEFINE_list("samplers", ["ar"], f"Samplers to time: {sorted(SAMPLERS)}.")
 flags.DEFINE_list("batch", ["1"], "Batch sizes.")
 flags.DEFINE_list("new_tokens", [], "New tokens per sequence (default: the profile's).")
 flags.DEFINE_integer("num_steps", None, "Recurrence steps per token (default: the profile's).")
-flags.DEFINE_list("cache_lookup_strategy", ["full"], "KV cache strategies to time.")
+flags.DEFINE_list("cache_lookup_strategy", ["full"], "KV cache strategies of the AR samplers.")
+flags.DEFINE_string("criterion", "latent-diff", "Exit criterion of the adaptive sampler.")
+flags.DEFINE_float("exit_threshold", 0.03, "Exit threshold of the adaptive sampler.")
+flags.DEFINE_enum("diffusion_preset", None, list(DIFFUSION_PRESETS), "A named diffusion setting (overrides "
+                  "the diffusion flags below).")
+flags.DEFINE_string("freeze_strategy", "fixed", "Diffusion freeze rule.")
+flags.DEFINE_integer("inner_recurrence", 4, "Diffusion core steps per sampler step.")
+flags.DEFINE_float("state_noise_mixing", 0.0, "Diffusion noise mixing.")
+flags.DEFINE_float("ema_embeds", 0.0, "Diffusion embedding momentum.")
+flags.DEFINE_float("exit_t", 0.03, "Diffusion latent freeze threshold.")
+flags.DEFINE_integer("max_wavefront", 128, "Diffusion wavefront limit.")
+flags.DEFINE_string("diffusion_cache", "latest-m4-compress-s4", "KV cache strategy of the diffusion sampler.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per measurement; the median is reported.")
 flags.DEFINE_integer("warmup", 1, "Untimed calls before timing (the first one compiles).")
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
 flags.DEFINE_string("reference_dir", None, "Folder with the official raven_modeling_minimal.py: also time it.")
 flags.DEFINE_integer("reference_repeats", 2, "Timed calls of the reference per measurement.")
 flags.DEFINE_string("output", None, "Also append the JSON lines to this file.")
+flags.DEFINE_string("plot", None, "Write a bar chart of tokens/s to this PNG file (needs matplotlib).")
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]:
@@ -86,21 +106,59 @@ def emit(record: dict) -> None:
             f.write(line + "\n")
 
 
-def reference_seconds(model: Any, prompt: np.ndarray, new_tokens: int, options: dict) -> tuple[float, np.ndarray]:
-    """Median seconds of the reference's generate_minimal and its new tokens."""
+def sampler_options(sampler: str, num_steps: int) -> list[dict[str, Any]]:
+    """The option sets to time for a sampler (one per cache strategy for the AR samplers)."""
+    if sampler == "diffusion":
+        options = DIFFUSION_PRESETS[FLAGS.diffusion_preset] if FLAGS.diffusion_preset else dict(
+            freeze_strategy=FLAGS.freeze_strategy, inner_recurrence=FLAGS.inner_recurrence,
+            state_noise_mixing=FLAGS.state_noise_mixing, ema_embeds=FLAGS.ema_embeds, exit_t=FLAGS.exit_t,
+            max_wavefront=FLAGS.max_wavefront, headway=1)
+        return [dict(options, num_steps=num_steps, cache_lookup_strategy=FLAGS.diffusion_cache)]
+    extra = dict(criterion=FLAGS.criterion, exit_threshold=FLAGS.exit_threshold) if sampler == "adaptive" else {}
+    return [dict(num_steps=num_steps, cache_lookup_strategy=s, **extra) for s in FLAGS.cache_lookup_strategy]
+
+
+def reference_run(model: Any, sampler: str, prompt: np.ndarray, new_tokens: int,
+                  options: dict) -> tuple[float, np.ndarray]:
+    """Median seconds of the reference's sampler and its first `new_tokens` new tokens."""
     import torch
     from transformers import GenerationConfig
 
     ids = torch.from_numpy(prompt.astype(np.int64))
     generation_config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens)
+    method = getattr(model, REFERENCE_METHODS[sampler])
 
     def run() -> np.ndarray:
         with torch.no_grad():
-            out = model.generate(ids, generation_config, max_new_tokens=new_tokens, continuous_compute=False,
-                                 init_scale=0.0, **options)
-        return out[:, prompt.shape[1]:].numpy()
+            out = method(ids, generation_config, max_new_tokens=new_tokens, init_scale=0.0, **options)
+        return out[:, prompt.shape[1]: prompt.shape[1] + new_tokens].numpy()
 
     return timed(run, warmup=0, repeats=FLAGS.reference_repeats)
+
+
+def leading_agreement(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    return int((np.asarray(a[:n]) == np.asarray(b[:n])).cumprod().sum())
+
+
+def plot(records: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise app.UsageError("--plot needs matplotlib: pip install 'huginn-jax[plots]'") from None
+    rows = [r for r in records if "tokens_per_s" in r]
+    labels = [f"{r['implementation'].split()[0]}\n{r['sampler']} b{r['batch']}\n{r['cache_lookup_strategy'][:6]}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    colors = ["tab:blue" if r["implementation"] == "huginn-jax" else "tab:gray" for r in rows]
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("tokens / s (aggregate)")
+    ax.set_title(f"profile {rows[0]['profile']}, {rows[0]['new_tokens']} new tokens, r={rows[0]['num_steps']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str]) -> None:
@@ -123,33 +181,50 @@ def main(argv: list[str]) -> None:
 
         reference = reference_model(FLAGS.reference_dir, config, params)
     device = f"{jax.devices()[0].device_kind} ({platform.machine()}, {jax.device_count()} device(s))"
+    prompts = {b: rng.integers(0, config.vocab_size, (b, profile.prompt_tokens), dtype=np.int32)
+               for b in (int(b) for b in FLAGS.batch)}
 
-    for sampler in FLAGS.samplers:
-        for strategy in FLAGS.cache_lookup_strategy:
-            for batch in (int(b) for b in FLAGS.batch):
-                for new_tokens in new_token_counts:
-                    prompt = rng.integers(0, config.vocab_size, (batch, profile.prompt_tokens), dtype=np.int32)
-                    options = dict(num_steps=num_steps, cache_lookup_strategy=strategy)
+    records = []
+    for batch, prompt in prompts.items():
+        for new_tokens in new_token_counts:
+            baseline = None
+            for sampler in FLAGS.samplers:
+                for options in sampler_options(sampler, num_steps):
                     logging.info("%s: batch %d, %d new tokens, %s", sampler, batch, new_tokens, options)
                     seconds, out = timed(
                         lambda: SAMPLERS[sampler](params, prompt, config=config, max_new_tokens=new_tokens,
                                                   init_scale=0.0, stop_token_ids=(), **options),
                         FLAGS.warmup, FLAGS.repeats)
-                    record = dict(sampler=sampler, implementation="huginn-jax", profile=FLAGS.profile,
-                                  batch=batch, prompt_tokens=profile.prompt_tokens, new_tokens=new_tokens,
+                    record = dict(sampler=sampler, implementation="huginn-jax", profile=FLAGS.profile, batch=batch,
+                                  prompt_tokens=profile.prompt_tokens, new_tokens=new_tokens,
                                   seconds=round(seconds, 4), tokens_per_s=round(batch * new_tokens / seconds, 3),
                                   dtype=jnp.dtype(profile.dtype).name, init_scale=0.0, device=device, **options)
+                    if getattr(out, "stats", None):
+                        record["diffusion_steps"] = int(np.asarray(out.stats["diffusion_steps"]).max())
                     emit(record)
-                    if reference is not None and sampler == "ar" and batch == 1:
-                        logging.info("reference generate_minimal: %d new tokens, %s", new_tokens, options)
-                        ref_seconds, ref_tokens = reference_seconds(reference, prompt, new_tokens, options)
-                        agree = int((ref_tokens[0] == out.tokens[0]).cumprod().sum())
-                        emit(dict(record, implementation="reference (PyTorch)", seconds=round(ref_seconds, 4),
-                                  tokens_per_s=round(new_tokens / ref_seconds, 3)))
+                    records.append(record)
+                    if sampler == "ar" and baseline is None:
+                        baseline = record
+                    elif baseline is not None:
+                        emit(dict(comparison=f"{sampler} / ar tokens_per_s (huginn-jax, same run)", batch=batch,
+                                  new_tokens=new_tokens, ar_cache=baseline["cache_lookup_strategy"],
+                                  cache_lookup_strategy=options["cache_lookup_strategy"],
+                                  ratio=round(baseline["seconds"] / seconds, 2)))
+                    if reference is not None and batch == 1:
+                        logging.info("reference %s: %d new tokens, %s", REFERENCE_METHODS[sampler], new_tokens,
+                                     options)
+                        ref_seconds, ref_tokens = reference_run(reference, sampler, prompt, new_tokens, options)
+                        ref_record = dict(record, implementation="reference (PyTorch)", seconds=round(ref_seconds, 4),
+                                          tokens_per_s=round(new_tokens / ref_seconds, 3))
+                        emit(ref_record)
+                        records.append(ref_record)
                         emit(dict(comparison="huginn-jax / reference tokens_per_s", sampler=sampler,
-                                  new_tokens=new_tokens, cache_lookup_strategy=strategy,
+                                  new_tokens=new_tokens, cache_lookup_strategy=options["cache_lookup_strategy"],
                                   ratio=round(ref_seconds / seconds, 2),
-                                  identical_leading_tokens=f"{agree}/{new_tokens}"))
+                                  identical_leading_tokens=f"{leading_agreement(ref_tokens[0], out.tokens[0])}"
+                                                           f"/{new_tokens}"))
+    if FLAGS.plot:
+        plot(records, FLAGS.plot)
 
 
 if __name__ == "__main__":

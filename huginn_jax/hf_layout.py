@@ -37,19 +37,23 @@ class BlockTensor:
 
 
 def _split_qkv(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
+    """The reference's Wqkv [(H + 2K) D, E] (all q rows, then k, then v) -> wqkv [E, K, G + 2, D]."""
     e, h, k, d = c.n_embd, c.n_heads, c.num_key_value_heads, c.head_dim
-    q, kk, v = np.split(w, [h * d, (h + k) * d], axis=0)
-    return {"wq": q.T.reshape(e, h, d), "wk": kk.T.reshape(e, k, d), "wv": v.T.reshape(e, k, d)}
+    q, kk, v = np.split(w.T, [h * d, (h + k) * d], axis=1)
+    return {"wqkv": np.concatenate([q.reshape(e, k, h // k, d), kk.reshape(e, k, 1, d), v.reshape(e, k, 1, d)],
+                                   axis=2)}
 
 
 def _fuse_qkv(p: LayerArrays, c: HuginnConfig) -> np.ndarray:
-    e = c.n_embd
-    return np.concatenate([p[n].reshape(e, -1).T for n in ("wq", "wk", "wv")], axis=0)
+    e, group = c.n_embd, c.n_heads // c.num_key_value_heads
+    w = p["wqkv"]
+    return np.concatenate([w[:, :, :group].reshape(e, -1), w[:, :, group].reshape(e, -1),
+                           w[:, :, group + 1].reshape(e, -1)], axis=1).T
 
 
 def _split_fc(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
-    gate, up = np.split(w, 2, axis=0)
-    return {"w_gate": gate.T, "w_up": up.T}
+    """The reference's fc [2M, E] (gate rows, then up rows) -> w_gate_up [E, 2, M]."""
+    return {"w_gate_up": w.T.reshape(c.n_embd, 2, c.intermediate_size)}
 
 
 def _norm_tensor(index: int) -> BlockTensor:
@@ -73,7 +77,7 @@ BLOCK_TENSORS: tuple[BlockTensor, ...] = (
     BlockTensor("mlp.fc.weight",
                 lambda c: (2 * c.intermediate_size, c.n_embd),
                 _split_fc,
-                lambda p, c: np.concatenate([p["w_gate"].T, p["w_up"].T], axis=0)),
+                lambda p, c: p["w_gate_up"].reshape(c.n_embd, -1).T),
     BlockTensor("mlp.proj.weight",
                 lambda c: (c.n_embd, c.intermediate_size),
                 lambda w, c: {"w_down": w.T},

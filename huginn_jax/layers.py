@@ -6,13 +6,11 @@ D head dim, M intermediate size.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import KVCache
+from huginn_jax.kv_cache import KVCache, LayerRef
 
 Array = jax.Array
 
@@ -40,8 +38,10 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array) -> Array:
-    """Causal attention by absolute position: query t sees keys whose position is <= its own.
+def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
+                          k_valid: Array | None = None) -> Array:
+    """Causal attention by absolute position: query t sees keys whose position is <= its own
+    (and, if given, which k_valid [B, S] allows).
 
     q [B, T, H, D]; k, v [B, K, S, D] (the cache's layout); q_pos [B, T]; k_pos [B or 1, S].
     Returns [B, T, H * D]. Scores and softmax in float32; every query sees at least its own key,
@@ -53,6 +53,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Arr
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     visible = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    if k_valid is not None:
+        visible = visible & k_valid[:, None, None, None, :]
     scores = jnp.where(visible, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
@@ -60,41 +62,44 @@ def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Arr
 
 
 def attention(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
-              cache: KVCache | None, slot: Any) -> tuple[Array, KVCache | None]:
-    """Self-attention with the learned q/k bias; with a cache, writes this call's keys into `slot`
-    and attends over the slot's whole buffer (positions past the query are masked)."""
-    q = jnp.einsum("bte,ehd->bthd", x, p["wq"])
-    k = jnp.einsum("bte,ekd->btkd", x, p["wk"])
-    v = jnp.einsum("bte,ekd->btkd", x, p["wv"])
+              cache: KVCache | None, ref: LayerRef) -> tuple[Array, KVCache | None]:
+    """Self-attention with the learned q/k bias; with a cache, stores this call's keys for layer
+    application `ref` and attends over what the cache's lookup strategy gives it."""
+    b, t, e = x.shape
+    wqkv = p["wqkv"]  # [E, K, G + 2, D]: one product for queries, keys and values
+    kv_heads, group, d = wqkv.shape[1], wqkv.shape[2] - 2, wqkv.shape[3]
+    qkv = (x @ wqkv.reshape(e, -1)).reshape(b, t, kv_heads, group + 2, d)
+    q = qkv[:, :, :, :group].reshape(b, t, kv_heads * group, d)
+    k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
     if "q_bias" in p:
         q = q + p["q_bias"]
         k = k + p["k_bias"]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     if cache is None:
-        keys, values, key_pos = k, v, positions
+        keys, values, key_pos, valid = k, v, positions, None
     else:
-        cache = cache.write(slot, k, v, positions)
-        keys, values = cache.read(slot)
+        cache, keys, values, valid = cache.update(ref, k, v, positions)
         key_pos = jnp.arange(cache.length)[None, :]
-    out = dot_product_attention(q, keys, values, positions, key_pos)
+    out = dot_product_attention(q, keys, values, positions, key_pos, valid)
     # wo as a [H * D, E] matrix: contracting (h, d) as one axis keeps XLA from transposing the weight.
     wo = p["wo"].reshape(-1, p["wo"].shape[-1])
     return jnp.einsum("btf,fe->bte", out, wo), cache
 
 
 def gated_mlp(p: dict[str, Array], x: Array) -> Array:
-    """silu(x W_gate) * (x W_up), projected back: the reference's GatedMLP with its fused fc split."""
-    gate = jnp.einsum("bte,em->btm", x, p["w_gate"])
-    up = jnp.einsum("bte,em->btm", x, p["w_up"])
-    return jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, p["w_down"])
+    """silu(x W_gate) * (x W_up), projected back: the reference's GatedMLP (one product for gate and up)."""
+    w = p["w_gate_up"]  # [E, 2, M]
+    gate_up = x @ w.reshape(w.shape[0], -1)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return (jax.nn.silu(gate) * up) @ p["w_down"]
 
 
 def sandwich_block(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
-                   config: HuginnConfig, cache: KVCache | None, slot: Any) -> tuple[Array, KVCache | None]:
+                   config: HuginnConfig, cache: KVCache | None, ref: LayerRef) -> tuple[Array, KVCache | None]:
     """x = n2(attn(n1(x)) + x); x = n4(mlp(n3(x)) + x)."""
     eps = config.norm_eps
-    attn_out, cache = attention(p, rms_norm(x, p["norm_1"], eps), positions, rope, cache, slot)
+    attn_out, cache = attention(p, rms_norm(x, p["norm_1"], eps), positions, rope, cache, ref)
     x = rms_norm(attn_out + x, p["norm_2"], eps)
     x = rms_norm(gated_mlp(p, rms_norm(x, p["norm_3"], eps)) + x, p["norm_4"], eps)
     return x, cache

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import KVCache
+from huginn_jax.kv_cache import KVCache, LayerRef
 from huginn_jax.layers import rms_norm, rope_angles, sandwich_block
 
 Array = jax.Array
@@ -48,10 +48,11 @@ def initial_state(config: HuginnConfig, key: Array, shape: tuple[int, ...], init
 
 
 def run_blocks(blocks: list[Params], x: Array, positions: Array, rope: tuple[Array, Array],
-               config: HuginnConfig, cache: KVCache | None, slot_of_layer: Any) -> tuple[Array, KVCache | None]:
-    """Applies a group of sandwich blocks in order; layer i uses cache slot slot_of_layer(i)."""
+               config: HuginnConfig, cache: KVCache | None, group: str,
+               step: Array | int = 0) -> tuple[Array, KVCache | None]:
+    """Applies a group of sandwich blocks in order (the core's at recurrence step `step`)."""
     for i, block in enumerate(blocks):
-        x, cache = sandwich_block(block, x, positions, rope, config, cache, slot_of_layer(i))
+        x, cache = sandwich_block(block, x, positions, rope, config, cache, LayerRef(group, i, step))
     return x, cache
 
 
@@ -59,27 +60,31 @@ def prelude(params: Params, config: HuginnConfig, input_ids: Array, positions: A
             cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     """Embeds tokens and runs the prelude: [B, T] -> embeddings e [B, T, E] injected at every step."""
     rope = rope_angles(positions, config.head_dim, config.rope_base)
-    slot = cache.layout.prelude_slot if cache is not None else (lambda i: None)
-    return run_blocks(params["prelude"], embed(params, config, input_ids), positions, rope, config, cache, slot)
+    return run_blocks(params["prelude"], embed(params, config, input_ids), positions, rope, config, cache, "prelude")
+
+
+def injection(params: Params, config: HuginnConfig, embeds: Array) -> Array:
+    """The embeddings' share of the adapter on concat([state, embeds]): computed once per token,
+    added at every step."""
+    return jnp.einsum("bte,ef->btf", embeds, params["adapter"][config.n_embd:])
+
+
+def core_step(params: Params, config: HuginnConfig, state: Array, injected: Array, positions: Array,
+              rope: tuple[Array, Array], step: Array | int,
+              cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """One recurrence step: the adapter on concat([state, embeds]), then the core blocks."""
+    x = jnp.einsum("bte,ef->btf", state, params["adapter"][: config.n_embd]) + injected
+    return run_blocks(params["core"], x, positions, rope, config, cache, "core", step)
 
 
 def recur(params: Params, config: HuginnConfig, state: Array, embeds: Array, positions: Array,
           num_steps: Array | int, cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-    """Iterates the core `num_steps` times from `state` [B, T, E], injecting `embeds` at every step.
-
-    The adapter acts on concat([state, embeds]); its embeds half is applied once, outside the loop.
-    With a cache, step s writes and reads the slots the cache layout gives step s.
-    """
+    """Iterates the core `num_steps` times from `state` [B, T, E], injecting `embeds` at every step."""
     rope = rope_angles(positions, config.head_dim, config.rope_base)
-    width = config.n_embd
-    adapter_state, adapter_embeds = params["adapter"][:width], params["adapter"][width:]
-    injected = jnp.einsum("bte,ef->btf", embeds, adapter_embeds)
+    injected = injection(params, config, embeds)
 
     def one_step(step: Array, carry: tuple[Array, KVCache | None]) -> tuple[Array, KVCache | None]:
-        x, cache = carry
-        x = jnp.einsum("bte,ef->btf", x, adapter_state) + injected
-        slot = (lambda j: cache.layout.core_slot(step, j)) if cache is not None else (lambda j: None)
-        return run_blocks(params["core"], x, positions, rope, config, cache, slot)
+        return core_step(params, config, carry[0], injected, positions, rope, step, carry[1])
 
     return jax.lax.fori_loop(0, num_steps, one_step, (state, cache))
 
@@ -88,9 +93,8 @@ def coda(params: Params, config: HuginnConfig, state: Array, positions: Array,
          cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     """ln_f, the coda blocks, ln_f again: the raw state [B, T, E] -> hidden states for the head."""
     rope = rope_angles(positions, config.head_dim, config.rope_base)
-    slot = cache.layout.coda_slot if cache is not None else (lambda i: None)
     x = rms_norm(state, params["ln_f"], config.norm_eps)
-    x, cache = run_blocks(params["coda"], x, positions, rope, config, cache, slot)
+    x, cache = run_blocks(params["coda"], x, positions, rope, config, cache, "coda")
     return rms_norm(x, params["ln_f"], config.norm_eps), cache
 
 

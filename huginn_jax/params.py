@@ -11,9 +11,13 @@ array inside the recurrence loop would copy the weights at every step):
     wte      [vocab, embed]                  token embedding, also the head when tied
     prelude / core / coda: lists of blocks, each a dict of
         norm_1..norm_4 [embed]               sandwich norms
-        wq [embed, heads, head_dim]  wk, wv [embed, kv_heads, head_dim]  wo [heads, head_dim, embed]
+        wqkv [embed, kv_heads, group + 2, head_dim]   per kv head: its `group` query heads, its key,
+                                             its value (one matrix product for all three; query
+                                             head h uses kv head h // group)
+        wo [heads, head_dim, embed]
         q_bias [heads, head_dim]  k_bias [kv_heads, head_dim]   (only with qk_bias)
-        w_gate, w_up [embed, mlp]  w_down [mlp, embed]
+        w_gate_up [embed, 2, mlp]            gate and up projections of the gated MLP, fused
+        w_down [mlp, embed]
     adapter  [2 * embed, embed]              input injection on concat([state, embeds])
     ln_f     [embed]                         final norm, used before and after the coda
     lm_head  [vocab, embed]                  only when embeddings are not tied
@@ -72,19 +76,17 @@ def block_specs(config: HuginnConfig, dtype: Any) -> dict[str, ParamSpec]:
     e, h, kv, d, m = (config.n_embd, config.n_heads, config.num_key_value_heads, config.head_dim,
                       config.intermediate_size)
     std, out_std = config.init_std, config.out_proj_std
+    group = h // kv
 
     def spec(shape: tuple[int, ...], axes: tuple[str, ...], init: Initializer) -> ParamSpec:
         return ParamSpec(shape, dtype, axes, init)
 
     specs = {f"norm_{i}": spec((e,), ("embed",), constant(1.0)) for i in range(1, 5)}
     specs.update(
-        wq=spec((e, h, d), ("embed", "heads", "head_dim"), truncated_normal(std)),
-        wk=spec((e, kv, d), ("embed", "kv_heads", "head_dim"), truncated_normal(std)),
-        wv=spec((e, kv, d), ("embed", "kv_heads", "head_dim"), truncated_normal(std)),
+        wqkv=spec((e, kv, group + 2, d), ("embed", "kv_heads", "qkv", "head_dim"), truncated_normal(std)),
         wo=spec((h, d, e), ("heads", "head_dim", "embed"), truncated_normal(out_std)),
         # The reference initialises the two halves of its fused fc differently (gate: std, up: out_proj).
-        w_gate=spec((e, m), ("embed", "mlp"), truncated_normal(std)),
-        w_up=spec((e, m), ("embed", "mlp"), truncated_normal(out_std)),
+        w_gate_up=spec((e, 2, m), ("embed", "gate_up", "mlp"), per_slice(1, (std, out_std))),
         w_down=spec((m, e), ("mlp", "embed"), truncated_normal(out_std)),
     )
     if config.qk_bias:
@@ -93,6 +95,16 @@ def block_specs(config: HuginnConfig, dtype: Any) -> dict[str, ParamSpec]:
             k_bias=spec((kv, d), ("kv_heads", "head_dim"), constant(0.0)),
         )
     return specs
+
+
+def per_slice(axis: int, stds: tuple[float, ...]) -> Initializer:
+    """Truncated normal with a different std for each index along `axis`."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        scale = jnp.asarray(stds, jnp.float32).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+        return (jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32) * scale).astype(dtype)
+
+    return init
 
 
 def param_specs(config: HuginnConfig, dtype: Any = jnp.float32) -> Params:

@@ -20,7 +20,7 @@ from jax.experimental import io_callback
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import KVCache
 from huginn_jax.layers import rms_norm
-from huginn_jax.model import check_token_ids, coda, initial_state, lm_logits, prelude, recur
+from huginn_jax.model import check_token_ids, coda, initial_state, prelude, recur
 
 Array = jax.Array
 
@@ -74,13 +74,16 @@ def check_room(lengths: np.ndarray, max_new_tokens: int, config: HuginnConfig) -
 
 
 def stop_token_array(stop_token_ids: Sequence[int] | None, config: HuginnConfig) -> np.ndarray:
-    """The stop ids as an int32 array; None means Huginn's stop tokens (those inside the vocabulary)."""
+    """The stop ids as an int32 array, padded with NO_TOKEN to a multiple of 8 so that a different
+    number of stop ids does not recompile; None means Huginn's stop tokens (those in the vocabulary)."""
     if stop_token_ids is None:
         stop_token_ids = [t for t in HUGINN_STOP_TOKEN_IDS if t < config.vocab_size]
-    ids = np.asarray(list(stop_token_ids), np.int32).reshape(-1)
+    ids = np.asarray(list(stop_token_ids), np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
         raise ValueError(f"stop token ids must lie in [0, {config.vocab_size}), got {ids.tolist()}")
-    return ids
+    padded = np.full((max(8, -(-ids.size // 8) * 8),), NO_TOKEN, np.int32)
+    padded[: ids.size] = ids
+    return padded
 
 
 def check_key(key: Array | None, needs_randomness: bool, why: str) -> Array:
@@ -118,17 +121,14 @@ def run_tokens(params: dict, config: HuginnConfig, cache: KVCache, tokens: Array
     return StepResult(state=state, latents=latents, hidden=hidden), cache
 
 
-def random_state(config: HuginnConfig, key: Array, shape: tuple[int, ...], init_scale: Array | float,
+def random_state(config: HuginnConfig, key: Array, positions: Array, init_scale: Array | float,
                  dtype: Any) -> Array:
-    return initial_state(config, key, (*shape, config.n_embd), init_scale, dtype)
+    """Random initial states [B, T, E] for tokens at positions [B, T]. Each position draws from its
+    own key, folded from `key`, so a sequence's states do not depend on the batch it runs in."""
+    def one(position: Array) -> Array:
+        return initial_state(config, jax.random.fold_in(key, position), (config.n_embd,), init_scale, dtype)
 
-
-def last_position_logits(params: dict, config: HuginnConfig, result: StepResult,
-                         lengths: Array) -> tuple[Array, Array]:
-    """(logits [B, V], latents [B, E]) at each sequence's last prompt position lengths - 1."""
-    rows = jnp.arange(lengths.shape[0])
-    hidden = result.hidden[rows, lengths - 1]
-    return lm_logits(params, config, hidden), result.latents[rows, lengths - 1]
+    return jax.vmap(jax.vmap(one))(positions)
 
 
 def seen_tokens(prompts: Array, lengths: Array, vocab_size: int) -> Array:

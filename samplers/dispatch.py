@@ -7,7 +7,9 @@ import inspect
 from typing import Any, Callable
 
 from huginn_jax.config import HuginnConfig
+from samplers.adaptive_ar import generate_with_adaptive_compute
 from samplers.common import GenerateOutput
+from samplers.diffusion import generate_diffusion_style
 from samplers.static_ar import generate_minimal
 
 # The reference routes on these option names, in this order.
@@ -17,7 +19,11 @@ SAMPLER_TRIGGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("generate_diffusion_style", ("headway", "state_noise_mixing", "inner_recurrence", "freeze_strategy")),
 )
 
-SAMPLERS: dict[str, Callable[..., GenerateOutput]] = {"generate_minimal": generate_minimal}
+SAMPLERS: dict[str, Callable[..., GenerateOutput]] = {
+    "generate_minimal": generate_minimal,
+    "generate_with_adaptive_compute": generate_with_adaptive_compute,
+    "generate_diffusion_style": generate_diffusion_style,
+}
 
 
 class UnsupportedSamplerError(NotImplementedError):

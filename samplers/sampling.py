@@ -85,7 +85,9 @@ def filtered_probs_sorted(logits: Array, config: SamplingConfig) -> tuple[Array,
 
 def next_token(key: Array, logits: Array, seen: Array, config: SamplingConfig) -> Array:
     """Token ids [B] from float32 logits [B, V]; `seen` [B, V] marks tokens already in each sequence."""
-    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    penalty = jnp.asarray(config.repetition_penalty, jnp.float32)
+    logits = jax.lax.cond(penalty == 1.0, lambda lg: lg,
+                          lambda lg: apply_repetition_penalty(lg, seen, penalty), logits)
     if not config.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sorted_probs, order = filtered_probs_sorted(logits, config)

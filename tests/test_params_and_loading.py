@@ -50,7 +50,7 @@ def test_specs_drive_initialisation_shapes_and_axes():
     assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == \
         jax.tree.map(lambda s: (s.shape, s.dtype), abstract_params(TINY))
     axes = logical_axes(TINY)
-    assert axes["core"][0]["wq"] == ("embed", "heads", "head_dim")
+    assert axes["core"][0]["wqkv"] == ("embed", "kv_heads", "qkv", "head_dim")
     assert specs["core"][0]["norm_1"].shape == (TINY.n_embd,)
 
 
@@ -60,9 +60,11 @@ def test_initialisation_follows_the_reference_scales():
     core = params["core"][0]
     std = math.sqrt(2 / (5 * 256))
     truncated = 0.9866  # the std of a normal truncated at +-3 sigma, relative to sigma
-    assert abs(float(jnp.std(core["wq"])) / (std * truncated) - 1) < 0.02
+    assert abs(float(jnp.std(core["wqkv"])) / (std * truncated) - 1) < 0.02
+    assert abs(float(jnp.std(core["w_gate_up"][:, 0])) / (std * truncated) - 1) < 0.02
+    assert abs(float(jnp.std(core["w_gate_up"][:, 1])) / (config.out_proj_std * truncated) - 1) < 0.02
     assert abs(float(jnp.std(core["w_down"])) / (config.out_proj_std * truncated) - 1) < 0.02
-    assert float(jnp.abs(core["wq"]).max()) <= 3 * std
+    assert float(jnp.abs(core["wqkv"]).max()) <= 3 * std
     assert np.all(np.asarray(core["norm_3"]) == 1) and np.all(np.asarray(core["q_bias"]) == 0)
 
 

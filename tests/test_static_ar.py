@@ -6,7 +6,7 @@ import pytest
 
 from experiments.reference_check import run_case
 from huginn_jax.model import forward
-from samplers import NO_TOKEN, SamplingConfig, UnsupportedSamplerError, generate, generate_minimal
+from samplers import NO_TOKEN, SamplingConfig, generate, generate_minimal
 from tests.conftest import reference_cases
 
 AR_CASES = [c for c in reference_cases("generate", "ar_") if "criterion" not in c["options"]]
@@ -117,12 +117,19 @@ def test_bad_inputs_raise_clear_errors(reference, input_ids, options, error, mes
         generate_minimal(reference.params, input_ids, config=reference.config, max_new_tokens=8, **options)
 
 
-def test_dispatcher_names_unknown_options_and_missing_samplers(reference):
+def test_dispatcher_routes_on_option_names_and_names_unknown_options(reference):
+    from samplers import sampler_name
+
+    assert sampler_name({"num_steps": 4}) == "generate_minimal"
+    assert sampler_name({"criterion": "kl"}) == "generate_with_adaptive_compute"
+    assert sampler_name({"exit_threshold": 0.1}) == "generate_with_adaptive_compute"
+    assert sampler_name({"draft_steps": 4}) == "generate_speculative"
+    assert sampler_name({"inner_recurrence": 4, "exit_t": 0.1}) == "generate_diffusion_style"
     prompt = np.zeros((1, 4), np.int32)
     with pytest.raises(TypeError, match=r"does not take the option\(s\) \['num_step'\]"):
         generate(reference.params, prompt, config=reference.config, max_new_tokens=2, num_step=3)
-    with pytest.raises(UnsupportedSamplerError, match="generate_diffusion_style"):
-        generate(reference.params, prompt, config=reference.config, max_new_tokens=2, inner_recurrence=4)
+    with pytest.raises(TypeError, match=r"generate_with_adaptive_compute does not take the option\(s\) \['headway'\]"):
+        generate(reference.params, prompt, config=reference.config, max_new_tokens=2, headway=1, criterion="kl")
 
 
 def test_new_depth_or_sampling_values_do_not_recompile(reference):

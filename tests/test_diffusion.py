@@ -1,0 +1,144 @@
+"""The diffusion forcing sampler: the reference's cases with statistics, batching, the ring buffer,
+stops, analysis tablets, presets and bad options."""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.reference_check import run_case
+from samplers import DIFFUSION_PRESETS, generate_diffusion_style
+from tests.conftest import reference_cases
+
+DIFFUSION_CASES = reference_cases("generate", "df_")
+
+
+def test_every_freeze_strategy_is_covered():
+    strategies = {c["options"]["freeze_strategy"] for c in DIFFUSION_CASES}
+    assert strategies == {"latent-diff", "latent-acceleration-1", "latent-acceleration-2", "token-stability", "fixed"}
+
+
+@pytest.mark.parametrize("case", DIFFUSION_CASES, ids=lambda c: c["name"])
+def test_reference_case_tokens_and_statistics(reference, case):
+    result = run_case(reference, case)
+    assert result.passed, result.detail
+
+
+def unequal_prompts(reference):
+    prompt = reference.arrays["gen_prompt"][0].tolist()
+    return [prompt, prompt[3:10], list(reversed(prompt))[:9]]
+
+
+NOISY = dict(max_new_tokens=20, num_steps=8, inner_recurrence=2, state_noise_mixing=0.5, ema_embeds=0.1,
+             exit_t=0.05, freeze_strategy="latent-diff", max_wavefront=16, init_scale=1.0, stop_token_ids=())
+
+
+def test_batch_equals_each_prompt_alone_even_with_random_states(reference):
+    """Each sequence draws its randomness from (key, step, position), so a batch is exactly its rows."""
+    prompts = unequal_prompts(reference)
+    options = dict(config=reference.config, key=jax.random.key(3), **NOISY)
+    batched = generate_diffusion_style(reference.params, prompts, **options)
+    for i, prompt in enumerate(prompts):
+        alone = generate_diffusion_style(reference.params, [prompt], **options)
+        assert batched.sequences()[i] == alone.sequences()[0], f"prompt {i}"
+        for name, values in alone.stats.items():
+            assert batched.stats[name][i] == values[0], f"prompt {i}: {name}"
+    assert len(set(batched.stats["diffusion_steps"].tolist())) > 1  # the rows really ran on their own
+
+
+def test_the_ring_buffer_size_does_not_matter_while_the_wavefront_fits(reference):
+    """60 tokens through a ring of 6 states (it wraps ten times) equal the same run on a ring of 24."""
+    options = dict(config=reference.config, max_new_tokens=60, num_steps=8, inner_recurrence=4,
+                   freeze_strategy="fixed", state_noise_mixing=0.5, ema_embeds=0.1, init_scale=1.0,
+                   key=jax.random.key(5), stop_token_ids=())
+    small = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], max_wavefront=6, **options)
+    large = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], max_wavefront=24, **options)
+    assert small.stats["num_standing_waves"][0] == large.stats["num_standing_waves"][0] == 0
+    assert small.lengths[0] == 60 and small.sequences() == large.sequences()
+    for name in small.stats:
+        assert np.array_equal(small.stats[name][0], large.stats[name][0]), name
+
+
+def test_a_capped_wavefront_stands_and_still_finishes(reference):
+    options = dict(config=reference.config, max_new_tokens=30, num_steps=8, inner_recurrence=1, exit_t=1e-4,
+                   state_noise_mixing=0.0, ema_embeds=0.0, init_scale=0.0, max_wavefront=4, stop_token_ids=())
+    out = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], **options)
+    assert out.stats["num_standing_waves"][0] > 0 and out.lengths[0] == 30
+
+
+def test_stop_tokens_end_each_sequence_of_a_batch(reference):
+    prompts = unequal_prompts(reference)
+    options = dict(config=reference.config, key=jax.random.key(3), **{**NOISY, "stop_token_ids": None})
+    free = generate_diffusion_style(reference.params, prompts, **{**options, "stop_token_ids": ()}).sequences()
+    stops = {free[0][5], free[1][2]}
+    stopped = generate_diffusion_style(reference.params, prompts, **{**options, "stop_token_ids": sorted(stops)})
+    for row, (full_run, got) in enumerate(zip(free, stopped.sequences())):
+        first = next((i for i, t in enumerate(full_run) if t in stops), len(full_run) - 1)
+        assert got == full_run[: first + 1], f"sequence {row}"
+
+
+def test_reference_compatible_stops_miss_early_stop_tokens(reference):
+    """The reference checks stops only after num_steps sampler steps: an early stop token is missed."""
+    prompt = reference.arrays["gen_prompt"]
+    options = dict(config=reference.config, key=jax.random.key(3), **NOISY)
+    free = generate_diffusion_style(reference.params, prompt, **options).sequences()[0]
+    stop = free[1]
+    ours = generate_diffusion_style(reference.params, prompt, **{**options, "stop_token_ids": [stop]})
+    compatible = generate_diffusion_style(reference.params, prompt, reference_compatible=True,
+                                          **{**options, "stop_token_ids": [stop]})
+    assert ours.sequences()[0] == free[: free.index(stop) + 1]
+    assert len(compatible.sequences()[0]) > len(ours.sequences()[0])
+
+
+def test_analysis_tablets_record_every_step(reference):
+    options = dict(config=reference.config, key=jax.random.key(3), return_analysis_tablets=80, **NOISY)
+    out = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], **options)
+    steps, frozen = int(out.stats["diffusion_steps"][0]), len(out.stats["recurrence_per_position"][0])
+    tablets = {name: values[0] for name, values in out.tablets.items()}
+    assert tablets["token_tablet"].shape == tablets["frozen_tablet"].shape and len(tablets["token_tablet"]) == 80
+    assert 20 < steps < 80
+    final = reference.arrays["gen_prompt"][0].tolist() + out.sequences()[0]
+    assert tablets["frozen_tablet"][steps - 1, :frozen].tolist() == final[:frozen]
+    assert tablets["counter_tablet"][steps - 1, :frozen].tolist() == out.stats["recurrence_per_position"][0]
+    assert tablets["stability_tablet"][steps - 1, :frozen].tolist() == out.stats["token_stable_per_position"][0]
+    assert not tablets["token_tablet"][steps:].any()  # rows after the last step stay empty
+    counts = tablets["counter_tablet"][:steps].sum(axis=1)
+    assert (np.diff(counts) > 0).all()  # every step adds recurrence somewhere
+
+
+def test_streaming_hands_over_each_newly_frozen_token_once(reference):
+    seen = []
+    options = dict(config=reference.config, key=jax.random.key(3), **NOISY)
+    out = generate_diffusion_style(reference.params, unequal_prompts(reference)[:2], streamer=seen.append,
+                                   **options)
+    for row in range(2):
+        streamed = [t for step in seen for t in step[row]]
+        assert streamed == out.sequences()[row]
+
+
+def test_paper_presets(reference):
+    assert DIFFUSION_PRESETS["paper-main"]["state_noise_mixing"] == 0.0
+    assert DIFFUSION_PRESETS["paper-main"]["inner_recurrence"] == 4
+    assert DIFFUSION_PRESETS["paper-fast"]["inner_recurrence"] == 2
+    out = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], config=reference.config,
+                                   max_new_tokens=24, num_steps=8, init_scale=0.0,
+                                   **DIFFUSION_PRESETS["paper-main"])
+    assert out.lengths[0] == 24
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(freeze_strategy="latent"), "unknown freeze_strategy 'latent'"),
+    (dict(inner_recurrence=0), "inner_recurrence must be an integer >= 1"),
+    (dict(headway=0), "headway must be an integer >= 1"),
+    (dict(max_wavefront=2, headway=2), "max_wavefront must be an integer > headway=2"),
+    (dict(state_noise_mixing=1.5), "state_noise_mixing must lie in"),
+    (dict(ema_embeds=1.0), "ema_embeds must lie in"),
+    (dict(cache_lookup_strategy="latest-m8"), "unknown cache_lookup_strategy"),
+    (dict(full_prefill=False, max_wavefront=8), "needs max_wavefront >= 12"),
+    (dict(max_new_tokens=200), "more than the context of 256"),
+    (dict(init_scale=1.0), "pass a PRNG key"),
+])
+def test_invalid_options_are_named(reference, options, message):
+    options = {"max_new_tokens": 8, "init_scale": 0.0, **options}
+    with pytest.raises(ValueError, match=message):
+        generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], config=reference.config,
+                                 **options)
