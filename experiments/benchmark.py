@@ -149,7 +149,8 @@ def plot(records: list[dict], path: str) -> None:
     except ImportError:
         raise app.UsageError("--plot needs matplotlib: pip install 'huginn-jax[plots]'") from None
     rows = [r for r in records if "tokens_per_s" in r]
-    labels = [f"{r['implementation'].split()[0]}\n{r['sampler']} b{r['batch']}\n{r['cache_lookup_strategy'][:6]}"
+    short = {"full": "full cache", "latest-m4": "latest-m4", "latest-m4-compress-s4": "shared cache"}
+    labels = [f"{r['implementation'].split()[0]}\n{r['sampler']} b{r['batch']}\n{short[r['cache_lookup_strategy']]}"
               for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     colors = ["tab:blue" if r["implementation"] == "huginn-jax" else "tab:gray" for r in rows]
@@ -187,7 +188,7 @@ def main(argv: list[str]) -> None:
     records = []
     for batch, prompt in prompts.items():
         for new_tokens in new_token_counts:
-            baseline = None
+            baselines = []
             for sampler in FLAGS.samplers:
                 for options in sampler_options(sampler, num_steps):
                     logging.info("%s: batch %d, %d new tokens, %s", sampler, batch, new_tokens, options)
@@ -199,13 +200,14 @@ def main(argv: list[str]) -> None:
                                   prompt_tokens=profile.prompt_tokens, new_tokens=new_tokens,
                                   seconds=round(seconds, 4), tokens_per_s=round(batch * new_tokens / seconds, 3),
                                   dtype=jnp.dtype(profile.dtype).name, init_scale=0.0, device=device, **options)
+                    record["mean_recurrence"] = round(float(out.recurrence_steps[out.tokens >= 0].mean()), 2)
                     if getattr(out, "stats", None):
                         record["diffusion_steps"] = int(np.asarray(out.stats["diffusion_steps"]).max())
                     emit(record)
                     records.append(record)
-                    if sampler == "ar" and baseline is None:
-                        baseline = record
-                    elif baseline is not None:
+                    if sampler == "ar":
+                        baselines.append(record)
+                    for baseline in baselines if sampler != "ar" else []:
                         emit(dict(comparison=f"{sampler} / ar tokens_per_s (huginn-jax, same run)", batch=batch,
                                   new_tokens=new_tokens, ar_cache=baseline["cache_lookup_strategy"],
                                   cache_lookup_strategy=options["cache_lookup_strategy"],

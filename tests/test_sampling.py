@@ -96,3 +96,12 @@ def test_invalid_values_are_named():
 def test_from_generation_config():
     config = SamplingConfig.from_generation_config({"do_sample": True, "temperature": 0.7, "eos_token_id": [1, 2]})
     assert config.do_sample and config.temperature == 0.7 and config.top_k == 50
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    from samplers.sampling import first_argmax
+
+    rng = np.random.default_rng(3)
+    for values in (rng.normal(size=(7, 300)), rng.integers(0, 4, size=(7, 300)).astype(np.float64)):
+        x = jnp.asarray(values, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
