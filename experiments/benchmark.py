@@ -8,11 +8,13 @@ huginn-jax against the official PyTorch implementation on the same weights, prom
     python -m experiments.benchmark --profile=cpu
     python -m experiments.benchmark --profile=cpu --samplers=ar,adaptive,diffusion --reference_dir=.../recpre
     python -m experiments.benchmark --profile=cpu --samplers=diffusion --batch=1,4,16
+    python -m experiments.benchmark --profile=cpu --samplers=ar,speculative --draft_steps=4 --lookahead_for_draft=4
     python -m experiments.benchmark --profile=huginn-0125 --samplers=ar,diffusion --diffusion_preset=paper-main
 
 Random weights do not converge, so on them the latent freeze rules decide little: the default
 diffusion setting freezes at a fixed age (`--freeze_strategy=fixed`, r'=4, no noise, no momentum,
-shared cache), which measures the sampler's parallelism.
+shared cache), which measures the sampler's parallelism. Nor do their shallow drafts agree with
+the deep pass, so self-speculative decoding accepts few drafts on them: it needs a trained model.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from absl import app, flags, logging
 from experiments.common import quiet_jax_logs
 from huginn_jax.config import CPU_BENCHMARK, HUGINN_0125, TINY, HuginnConfig
 from huginn_jax.params import init_params
-from samplers import generate_diffusion_style, generate_minimal, generate_with_adaptive_compute
+from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
 from samplers.diffusion import PRESETS as DIFFUSION_PRESETS
 
 
@@ -52,9 +54,10 @@ PROFILES = {
 }
 
 SAMPLERS: dict[str, Callable[..., Any]] = {
-    "ar": generate_minimal, "adaptive": generate_with_adaptive_compute, "diffusion": generate_diffusion_style}
+    "ar": generate_minimal, "adaptive": generate_with_adaptive_compute, "speculative": generate_speculative,
+    "diffusion": generate_diffusion_style}
 REFERENCE_METHODS = {"ar": "generate_minimal", "adaptive": "generate_with_adaptive_compute",
-                     "diffusion": "generate_diffusion_style"}
+                     "speculative": "generate_speculative", "diffusion": "generate_diffusion_style"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("profile", "cpu", list(PROFILES), "Model shape, dtype, prompt and generation lengths.")
@@ -66,6 +69,9 @@ flags.DEFINE_integer("num_steps", None, "Recurrence steps per token (default: th
 flags.DEFINE_list("cache_lookup_strategy", ["full"], "KV cache strategies of the AR samplers.")
 flags.DEFINE_string("criterion", "latent-diff", "Exit criterion of the adaptive sampler.")
 flags.DEFINE_float("exit_threshold", 0.03, "Exit threshold of the adaptive sampler.")
+flags.DEFINE_integer("draft_steps", 4, "Recurrence steps of a speculative draft (the paper's tuned 4).")
+flags.DEFINE_integer("lookahead_for_draft", 4, "Tokens drafted per speculative round (the paper's tuned 4).")
+flags.DEFINE_float("verification_threshold", 1.0, "Speculative acceptance: >= 1 exact argmax match.")
 flags.DEFINE_enum("diffusion_preset", None, list(DIFFUSION_PRESETS), "A named diffusion setting (overrides "
                   "the diffusion flags below).")
 flags.DEFINE_string("freeze_strategy", "fixed", "Diffusion freeze rule.")
@@ -114,7 +120,9 @@ def sampler_options(sampler: str, num_steps: int) -> list[dict[str, Any]]:
             state_noise_mixing=FLAGS.state_noise_mixing, ema_embeds=FLAGS.ema_embeds, exit_t=FLAGS.exit_t,
             max_wavefront=FLAGS.max_wavefront, headway=1)
         return [dict(options, num_steps=num_steps, cache_lookup_strategy=FLAGS.diffusion_cache)]
-    extra = dict(criterion=FLAGS.criterion, exit_threshold=FLAGS.exit_threshold) if sampler == "adaptive" else {}
+    extra = {"ar": {}, "adaptive": dict(criterion=FLAGS.criterion, exit_threshold=FLAGS.exit_threshold),
+             "speculative": dict(draft_steps=FLAGS.draft_steps, lookahead_for_draft=FLAGS.lookahead_for_draft,
+                                 verification_threshold=FLAGS.verification_threshold)}[sampler]
     return [dict(num_steps=num_steps, cache_lookup_strategy=s, **extra) for s in FLAGS.cache_lookup_strategy]
 
 
@@ -201,8 +209,13 @@ def main(argv: list[str]) -> None:
                                   seconds=round(seconds, 4), tokens_per_s=round(batch * new_tokens / seconds, 3),
                                   dtype=jnp.dtype(profile.dtype).name, init_scale=0.0, device=device, **options)
                     record["mean_recurrence"] = round(float(out.recurrence_steps[out.tokens >= 0].mean()), 2)
-                    if getattr(out, "stats", None):
-                        record["diffusion_steps"] = int(np.asarray(out.stats["diffusion_steps"]).max())
+                    stats = getattr(out, "stats", {})
+                    if "diffusion_steps" in stats:
+                        record["diffusion_steps"] = int(np.asarray(stats["diffusion_steps"]).max())
+                    if "accepted_per_round" in stats:
+                        accepted = [a for row in stats["accepted_per_round"] for a in row]
+                        record["mean_accepted_per_round"] = round(float(np.mean(accepted)), 2)
+                        record["rounds"] = int(np.asarray(stats["rounds"]).max())
                     emit(record)
                     records.append(record)
                     if sampler == "ar":
@@ -216,7 +229,9 @@ def main(argv: list[str]) -> None:
                         logging.info("reference %s: %d new tokens, %s", REFERENCE_METHODS[sampler], new_tokens,
                                      options)
                         ref_seconds, ref_tokens = reference_run(reference, sampler, prompt, new_tokens, options)
-                        ref_record = dict(record, implementation="reference (PyTorch)", seconds=round(ref_seconds, 4),
+                        measured = ("mean_recurrence", "diffusion_steps", "mean_accepted_per_round", "rounds")
+                        ref_record = {k: v for k, v in record.items() if k not in measured}
+                        ref_record.update(implementation="reference (PyTorch)", seconds=round(ref_seconds, 4),
                                           tokens_per_s=round(new_tokens / ref_seconds, 3))
                         emit(ref_record)
                         records.append(ref_record)

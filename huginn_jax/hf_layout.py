@@ -34,6 +34,7 @@ class BlockTensor:
     to_ours: Callable[[np.ndarray, HuginnConfig], LayerArrays]
     to_hf: Callable[[LayerArrays, HuginnConfig], np.ndarray]
     needs_qk_bias: bool = False
+    ours: tuple[str, ...] = ()  # the per-layer arrays `to_ours` returns (and `to_hf` reads)
 
 
 def _split_qkv(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
@@ -58,32 +59,53 @@ def _split_fc(w: np.ndarray, c: HuginnConfig) -> LayerArrays:
 
 def _norm_tensor(index: int) -> BlockTensor:
     name = f"norm_{index}"
-    return BlockTensor(f"{name}.weight", lambda c: (c.n_embd,), lambda w, c: {name: w}, lambda p, c: p[name])
+    return BlockTensor(f"{name}.weight", lambda c: (c.n_embd,), lambda w, c: {name: w}, lambda p, c: p[name],
+                       ours=(name,))
 
 
 BLOCK_TENSORS: tuple[BlockTensor, ...] = (
     BlockTensor("attn.Wqkv.weight",
                 lambda c: ((c.n_heads + 2 * c.num_key_value_heads) * c.head_dim, c.n_embd),
-                _split_qkv, _fuse_qkv),
+                _split_qkv, _fuse_qkv, ours=("wqkv",)),
     BlockTensor("attn.qk_bias",
                 lambda c: (2, 1, c.n_heads, c.head_dim),
                 lambda b, c: {"q_bias": b[0, 0], "k_bias": b[1, 0]},
                 lambda p, c: np.stack([p["q_bias"], p["k_bias"]])[:, None],
-                needs_qk_bias=True),
+                needs_qk_bias=True, ours=("q_bias", "k_bias")),
     BlockTensor("attn.proj.weight",
                 lambda c: (c.n_embd, c.n_heads * c.head_dim),
                 lambda w, c: {"wo": w.T.reshape(c.n_heads, c.head_dim, c.n_embd)},
-                lambda p, c: p["wo"].reshape(-1, c.n_embd).T),
+                lambda p, c: p["wo"].reshape(-1, c.n_embd).T, ours=("wo",)),
     BlockTensor("mlp.fc.weight",
                 lambda c: (2 * c.intermediate_size, c.n_embd),
                 _split_fc,
-                lambda p, c: p["w_gate_up"].reshape(c.n_embd, -1).T),
+                lambda p, c: p["w_gate_up"].reshape(c.n_embd, -1).T, ours=("w_gate_up",)),
     BlockTensor("mlp.proj.weight",
                 lambda c: (c.n_embd, c.intermediate_size),
                 lambda w, c: {"w_down": w.T},
-                lambda p, c: p["w_down"].T),
+                lambda p, c: p["w_down"].T, ours=("w_down",)),
     *(_norm_tensor(i) for i in range(1, 5)),
 )
+
+
+TOP_LEVEL_TENSORS: dict[str, tuple[str, bool]] = {
+    "wte": ("transformer.wte.weight", False),
+    "adapter": ("transformer.adapter.weight", True),
+    "ln_f": ("transformer.ln_f.weight", False),
+    "lm_head": (LM_HEAD, False),
+}
+"""Our array outside the blocks -> (official key, whether the official tensor is its transpose)."""
+
+
+def flip_top_level(name: str, tensor: np.ndarray) -> np.ndarray:
+    """Our array `name` (a key of TOP_LEVEL_TENSORS) from its official tensor, or back: the mapping
+    is a transpose or nothing, its own inverse."""
+    return tensor.T if TOP_LEVEL_TENSORS[name][1] else tensor
+
+
+def top_level_names(config: HuginnConfig) -> tuple[str, ...]:
+    """Our arrays outside the blocks for `config` (the head only when untied)."""
+    return tuple(n for n in TOP_LEVEL_TENSORS if n != "lm_head" or not config.tie_embeddings)
 
 
 def n_layers(config: HuginnConfig, group: str) -> int:
@@ -123,11 +145,8 @@ def params_from_hf(get: Callable[[str], np.ndarray], config: HuginnConfig) -> di
 
     Assumes the keys and shapes were validated (see `huginn_jax.loading`).
     """
-    params: dict = {"wte": get("transformer.wte.weight"),
-                    "adapter": get("transformer.adapter.weight").T,
-                    "ln_f": get("transformer.ln_f.weight")}
-    if not config.tie_embeddings:
-        params["lm_head"] = get(LM_HEAD)
+    params: dict = {name: flip_top_level(name, get(TOP_LEVEL_TENSORS[name][0]))
+                    for name in top_level_names(config)}
     for group in BLOCK_GROUPS:
         params[group] = [{} for _ in range(n_layers(config, group))]
     for group, i, tensor in block_tensors(config):
@@ -137,12 +156,9 @@ def params_from_hf(get: Callable[[str], np.ndarray], config: HuginnConfig) -> di
 
 def params_to_hf(params: dict, config: HuginnConfig, include_tied_head: bool = False) -> dict[str, np.ndarray]:
     """Official key -> tensor (numpy, contiguous) for our parameter tree."""
-    out = {"transformer.wte.weight": np.asarray(params["wte"]),
-           "transformer.adapter.weight": np.asarray(params["adapter"]).T,
-           "transformer.ln_f.weight": np.asarray(params["ln_f"])}
-    if not config.tie_embeddings:
-        out[LM_HEAD] = np.asarray(params["lm_head"])
-    elif include_tied_head:
+    out = {TOP_LEVEL_TENSORS[name][0]: flip_top_level(name, np.asarray(params[name]))
+           for name in top_level_names(config)}
+    if config.tie_embeddings and include_tied_head:
         out[LM_HEAD] = out["transformer.wte.weight"]
     for group in BLOCK_GROUPS:
         for i, block in enumerate(params[group]):

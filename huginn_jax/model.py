@@ -29,6 +29,9 @@ Params = dict[str, Any]
 class ForwardOutput:
     logits: Array  # [B, T, V] float32
     latents: Array  # [B, T, E] state after the last recurrence step, after ln_f ("latent_states")
+    # [steps, B, T, E] raw state after every recurrence step, with `return_trajectory` (else None):
+    # trajectory[-1] is the final state, `latents` its ln_f; `logit_lens` decodes any entry.
+    trajectory: Array | None = None
 
 
 def embed(params: Params, config: HuginnConfig, input_ids: Array) -> Array:
@@ -89,6 +92,20 @@ def recur(params: Params, config: HuginnConfig, state: Array, embeds: Array, pos
     return jax.lax.fori_loop(0, num_steps, one_step, (state, cache))
 
 
+def recur_trajectory(params: Params, config: HuginnConfig, state: Array, embeds: Array, positions: Array,
+                     num_steps: int) -> Array:
+    """`recur` without cache that keeps the state after every step: [num_steps, B, T, E]. The step
+    count sets the output's shape, so it is static here."""
+    rope = rope_angles(positions, config.head_dim, config.rope_base)
+    injected = injection(params, config, embeds)
+
+    def one_step(state: Array, step: Array) -> tuple[Array, Array]:
+        state, _ = core_step(params, config, state, injected, positions, rope, step)
+        return state, state
+
+    return jax.lax.scan(one_step, state, jnp.arange(num_steps))[1]
+
+
 def coda(params: Params, config: HuginnConfig, state: Array, positions: Array,
          cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     """ln_f, the coda blocks, ln_f again: the raw state [B, T, E] -> hidden states for the head."""
@@ -112,13 +129,15 @@ def decode_latents(params: Params, config: HuginnConfig, state: Array, positions
 
 
 def forward(params: Params, input_ids: Array, num_steps: Array | int, *, config: HuginnConfig,
-            key: Array | None = None, init_scale: float = 1.0,
-            input_states: Array | None = None) -> ForwardOutput:
+            key: Array | None = None, init_scale: float = 1.0, input_states: Array | None = None,
+            return_trajectory: bool = False) -> ForwardOutput:
     """A full causal forward pass without cache, the reference's `model(input_ids, num_steps=...)`.
 
     input_ids [B, T] integers; the recurrence starts from `input_states` [B, T, E] if given, else
     from the random state drawn with `key` (zeros when init_scale is 0, where no key is needed).
-    Jitted; `num_steps` and `init_scale` are traced, so new values do not recompile.
+    Jitted; `num_steps` and `init_scale` are traced, so new values do not recompile, except with
+    `return_trajectory`, which also returns the state after every step ([num_steps, B, T, E], so
+    one compilation per depth) and changes no result.
     """
     input_ids = check_token_ids(input_ids, config)
     if input_states is not None and input_states.shape != (*input_ids.shape, config.n_embd):
@@ -128,21 +147,51 @@ def forward(params: Params, input_ids: Array, num_steps: Array | int, *, config:
         if init_scale != 0:
             raise ValueError("init_scale > 0 draws a random initial state: pass a PRNG key")
         key = jax.random.key(0)  # multiplied by init_scale = 0 below
-    return _forward(params, input_ids, jnp.int32(num_steps), config=config, key=key,
-                    init_scale=jnp.float32(init_scale), input_states=input_states)
+    if return_trajectory:
+        if int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f"return_trajectory needs an integer num_steps >= 1, got {num_steps!r}")
+        depth, trajectory_steps = jnp.int32(num_steps), int(num_steps)
+    else:
+        depth, trajectory_steps = jnp.int32(num_steps), 0
+    return _forward(params, input_ids, depth, config=config, key=key, init_scale=jnp.float32(init_scale),
+                    input_states=input_states, trajectory_steps=trajectory_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _forward(params: Params, input_ids: Array, num_steps: Array | int, *, config: HuginnConfig,
-             key: Array | None, init_scale: Array | float, input_states: Array | None) -> ForwardOutput:
+@functools.partial(jax.jit, static_argnames=("config", "trajectory_steps"))
+def _forward(params: Params, input_ids: Array, num_steps: Array, *, config: HuginnConfig, key: Array | None,
+             init_scale: Array, input_states: Array | None, trajectory_steps: int = 0) -> ForwardOutput:
     batch, length = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     embeds, _ = prelude(params, config, input_ids, positions)
     if input_states is None:
         input_states = initial_state(config, key, embeds.shape, init_scale, embeds.dtype)
-    state, _ = recur(params, config, input_states.astype(embeds.dtype), embeds, positions, num_steps)
+    input_states = input_states.astype(embeds.dtype)
+    trajectory = None
+    if trajectory_steps:
+        trajectory = recur_trajectory(params, config, input_states, embeds, positions, trajectory_steps)
+        state = trajectory[-1]
+    else:
+        state, _ = recur(params, config, input_states, embeds, positions, num_steps)
     logits, _ = decode_latents(params, config, state, positions)
-    return ForwardOutput(logits=logits, latents=rms_norm(state, params["ln_f"], config.norm_eps))
+    return ForwardOutput(logits=logits, latents=rms_norm(state, params["ln_f"], config.norm_eps),
+                         trajectory=trajectory)
+
+
+def logit_lens(params: Params, states: Array, *, config: HuginnConfig) -> Array:
+    """Decodes raw latent states [..., B, T, E] (a `trajectory`, or any state) through ln_f, the
+    coda and the head into float32 logits [..., B, T, V], each state at positions 0..T-1."""
+    if states.ndim < 3 or states.shape[-1] != config.n_embd:
+        raise ValueError(f"states must have shape [..., batch, length, {config.n_embd}], got {states.shape}")
+    return _logit_lens(params, states, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logit_lens(params: Params, states: Array, *, config: HuginnConfig) -> Array:
+    *lead, length, width = states.shape
+    flat = states.reshape(-1, length, width)  # every leading index is one more sequence of the batch
+    positions = jnp.broadcast_to(jnp.arange(length), flat.shape[:2])
+    logits, _ = decode_latents(params, config, flat.astype(params["wte"].dtype), positions)
+    return logits.reshape(*lead, length, -1)
 
 
 def check_token_ids(input_ids: Any, config: HuginnConfig) -> Array:

@@ -2,6 +2,7 @@
 
 - `generate_minimal`: static-depth autoregressive decoding.
 - `generate_with_adaptive_compute`: autoregressive decoding with a per-token exit criterion.
+- `generate_speculative`: self-speculative decoding (shallow drafts, verified at full depth).
 - `generate_diffusion_style`: the diffusion forcing sampler (a wavefront of tokens refined in parallel).
 - `generate(**options)`: picks one of them from the option names, like the reference's dispatcher.
 """
@@ -10,13 +11,15 @@ from samplers.adaptive_ar import generate_with_adaptive_compute
 from samplers.common import HUGINN_STOP_TOKEN_IDS, NO_TOKEN, GenerateOutput
 from samplers.diffusion import PRESETS as DIFFUSION_PRESETS
 from samplers.diffusion import DiffusionOutput, generate_diffusion_style
-from samplers.dispatch import UnsupportedSamplerError, generate, sampler_name
+from samplers.dispatch import generate, sampler_name
 from samplers.exit_criteria import CRITERIA, ExitCriterion
 from samplers.sampling import GREEDY, SamplingConfig
+from samplers.speculative import SpeculativeOutput, generate_speculative
 from samplers.static_ar import generate_minimal
 
 __all__ = [
     "CRITERIA", "DIFFUSION_PRESETS", "GREEDY", "HUGINN_STOP_TOKEN_IDS", "NO_TOKEN", "DiffusionOutput", "ExitCriterion",
-    "GenerateOutput", "SamplingConfig", "UnsupportedSamplerError", "generate", "generate_diffusion_style",
-    "generate_minimal", "generate_with_adaptive_compute", "sampler_name",
+    "GenerateOutput", "SamplingConfig", "SpeculativeOutput", "generate",
+    "generate_diffusion_style", "generate_minimal", "generate_speculative", "generate_with_adaptive_compute",
+    "sampler_name",
 ]

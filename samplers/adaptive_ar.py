@@ -38,7 +38,7 @@ def generate_with_adaptive_compute(
         do_not_exit_in_prefill: bool = False, init_scale: float = 1.0, continuous_compute: bool = False,
         cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
         stop_token_ids: Sequence[int] | None = None, key: Array | None = None,
-        streamer: StreamCallback | None = None) -> GenerateOutput:
+        streamer: StreamCallback | None = None, record_exit_values: bool = False) -> GenerateOutput:
     """Generates with a per-token recurrence depth chosen by an exit criterion.
 
     criterion: "latent-diff", "entropy-diff", "kl", "minp-kl", "argmax-stability", "cosine",
@@ -48,6 +48,9 @@ def generate_with_adaptive_compute(
         (counting from 0, after the step ran).
     do_not_exit_in_prefill: run the prompt at the full depth.
     continuous_compute: start each token from the previous token's final state.
+    record_exit_values: also return `exit_values` [B, max_new_tokens, num_steps]: the criterion's
+        value after every step of every token (NaN where it was not checked, or after the exit);
+        recording changes no token (it compiles one program per num_steps).
     Other options as in `generate_minimal`. `recurrence_steps` holds each token's depth.
     """
     criterion = get_criterion(criterion)
@@ -60,21 +63,23 @@ def generate_with_adaptive_compute(
     prep = prepare(params, input_ids, config, max_new_tokens, cache_lookup_strategy, num_steps, init_scale,
                    sampling, stop_token_ids, key)
     depth = (jnp.int32(num_steps), jnp.int32(min_steps), jnp.int32(check_criterion_every_n_steps))
-    tokens, steps, _ = _generate(params, prep.cache, prep.prompts, prep.lengths, depth, jnp.float32(threshold),
-                                 jnp.float32(init_scale), prep.sampling, prep.stops, prep.key, config=config,
-                                 criterion=criterion, do_not_exit_in_prefill=bool(do_not_exit_in_prefill),
-                                 max_new_tokens=max_new_tokens, continuous_compute=continuous_compute,
-                                 streamer=streamer)
-    return output(tokens, steps)
+    tokens, steps, values, _ = _generate(
+        params, prep.cache, prep.prompts, prep.lengths, depth, jnp.float32(threshold), jnp.float32(init_scale),
+        prep.sampling, prep.stops, prep.key, config=config, criterion=criterion,
+        do_not_exit_in_prefill=bool(do_not_exit_in_prefill), max_new_tokens=max_new_tokens,
+        continuous_compute=continuous_compute, streamer=streamer, record_width=num_steps if record_exit_values else 0)
+    return output(tokens, steps, values)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "criterion", "do_not_exit_in_prefill", "max_new_tokens",
-                                             "continuous_compute", "streamer"),
+                                             "continuous_compute", "streamer", "record_width"),
                    donate_argnames=("cache",))
 def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, depth: tuple[Array, Array, Array],
               threshold: Array, init_scale: Array, sampling: SamplingConfig, stop_ids: Array, key: Array, *,
               config: HuginnConfig, criterion: ExitCriterion, do_not_exit_in_prefill: bool, max_new_tokens: int,
-              continuous_compute: bool, streamer: StreamCallback | None) -> tuple[Array, Array, KVCache]:
+              continuous_compute: bool, streamer: StreamCallback | None,
+              record_width: int) -> tuple[Array, Array, Array | None, KVCache]:
+    """record_width: 0, or num_steps to record the exit values of every step."""
     max_steps, min_steps, check_every = depth
 
     def run(cache: KVCache, block: TokenBlock) -> tuple[KVCache, TokenResult]:
@@ -87,7 +92,7 @@ def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, dept
         may_exit = not (do_not_exit_in_prefill and block.is_prompt)
 
         def step(carry):
-            s, state, cache, memory, running, spent = carry
+            s, state, cache, memory, running, spent, values = carry
             positions = write_positions(block, running, capacity)
             new_state, cache = core_step(params, config, state, injected, positions, rope, s, cache)
             state = jnp.where(running[:, None, None], new_state, state)
@@ -105,19 +110,23 @@ def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, dept
             new_memory, value = criterion.update(memory, state, real, logits)
             memory = jax.tree.map(lambda new, old: jnp.where(checked, new, old), new_memory, memory)
             exits = checked & criterion.exits(value, threshold) & running
-            return s + 1, state, cache, memory, running & ~exits, jnp.where(exits, s + 1, spent)
+            if record_width:
+                values = values.at[:, s].set(jnp.where(checked & running, value.astype(jnp.float32), jnp.nan))
+            return s + 1, state, cache, memory, running & ~exits, jnp.where(exits, s + 1, spent), values
 
         def continues(carry) -> Array:
             return (carry[0] < max_steps) & jnp.any(carry[4])
 
         memory = criterion.init(block.state, real, config.vocab_size)
-        carry = (jnp.int32(0), block.state, cache, memory, block.active, jnp.zeros((batch,), jnp.int32))
-        s, state, cache, _, running, spent = jax.lax.while_loop(continues, step, carry)
+        values = jnp.full((batch, record_width), jnp.nan, jnp.float32) if record_width else None
+        carry = (jnp.int32(0), block.state, cache, memory, block.active, jnp.zeros((batch,), jnp.int32), values)
+        s, state, cache, _, running, spent, values = jax.lax.while_loop(continues, step, carry)
         spent = jnp.where(running, s, spent)
         hidden, cache = coda(params, config, state, write_positions(block, block.active, capacity), cache)
         logits = lm_logits(params, config, last_real(hidden, block.lengths))
         # continuous compute starts the next token from this one's raw final state, as the reference
-        return cache, TokenResult(logits=logits, next_state=last_real(state, block.lengths), steps=spent)
+        return cache, TokenResult(logits=logits, next_state=last_real(state, block.lengths), steps=spent,
+                                  exit_values=values)
 
     return decode(params, config, run, cache, prompts, lengths, init_scale, sampling, stop_ids, key,
                   max_new_tokens, continuous_compute, streamer)

@@ -44,6 +44,7 @@ class TokenResult:
     logits: Array  # [B, V] float32, at each row's last real token
     next_state: Array  # [B, E] where continuous compute starts the next token
     steps: Array  # [B] core steps spent
+    exit_values: Array | None = None  # [B, W] the exit criterion after each step (NaN: not checked)
 
 
 class TokenRunner(Protocol):
@@ -64,29 +65,32 @@ class Prepared:
 
 def prepare(params: dict, input_ids: Any, config: HuginnConfig, max_new_tokens: int, cache_lookup_strategy: str,
             max_steps: int, init_scale: float, sampling: SamplingConfig,
-            stop_token_ids: Sequence[int] | None, key: Array | None) -> Prepared:
-    """Checks the inputs common to the AR samplers and allocates their cache."""
+            stop_token_ids: Sequence[int] | None, key: Array | None, headroom: int = 0) -> Prepared:
+    """Checks the inputs common to the AR samplers and allocates their cache, with room for
+    `headroom` positions past max_new_tokens (speculative drafts)."""
     check_strategy(cache_lookup_strategy)
     sampling = sampling.validate()
     prompts, lengths = pack_prompts(input_ids, config)
-    check_room(lengths, max_new_tokens, config)
+    check_room(lengths, max_new_tokens, config, headroom)
     key = check_key(key, init_scale != 0 or sampling.do_sample, "init_scale > 0 or do_sample=True")
     layout = CacheLayout.create(config, cache_lookup_strategy, max(max_steps, 1))
-    capacity = min(prompts.shape[1] + max_new_tokens, config.block_size)
+    capacity = min(prompts.shape[1] + max_new_tokens + headroom, config.block_size)
     cache = KVCache.create(config, layout, prompts.shape[0], capacity, params["wte"].dtype)
     return Prepared(prompts, lengths, cache, stop_token_array(stop_token_ids, config), key, sampling)
 
 
-def output(tokens: Array, steps: Array) -> GenerateOutput:
+def output(tokens: Array, steps: Array, exit_values: Array | None = None) -> GenerateOutput:
     tokens, steps = np.asarray(tokens), np.asarray(steps)
-    return GenerateOutput(tokens=tokens, lengths=(tokens != NO_TOKEN).sum(axis=1), recurrence_steps=steps)
+    return GenerateOutput(tokens=tokens, lengths=(tokens != NO_TOKEN).sum(axis=1), recurrence_steps=steps,
+                          exit_values=None if exit_values is None else np.asarray(exit_values))
 
 
 def decode(params: dict, config: HuginnConfig, runner: TokenRunner, cache: KVCache, prompts: Array, lengths: Array,
            init_scale: Array, sampling: SamplingConfig, stop_ids: Array, key: Array, max_new_tokens: int,
-           continuous_compute: bool, streamer: StreamCallback | None) -> tuple[Array, Array, KVCache]:
+           continuous_compute: bool, streamer: StreamCallback | None) -> tuple[Array, Array, Array | None, KVCache]:
     """Prefill, then decode up to `max_new_tokens` per sequence: (tokens [B, N], core steps per
-    token [B, N], the cache). Runs inside the sampler's jit."""
+    token [B, N], exit values per token and step [B, N, W] if the runner records them, the cache).
+    Runs inside the sampler's jit."""
     batch, prompt_width = prompts.shape
     rows = jnp.arange(batch)
     dtype = params["wte"].dtype
@@ -99,29 +103,35 @@ def decode(params: dict, config: HuginnConfig, runner: TokenRunner, cache: KVCac
     cache, result = runner(cache.view(prompt_width), prompt)
     cache = cache.view(None)
 
-    def emit(i: Array, result: TokenResult, seen: Array, done: Array, tokens: Array, steps: Array):
-        """Chooses token i of every running sequence and records it."""
+    def emit(i: Array, result: TokenResult, seen: Array, done: Array, record: tuple):
+        """Chooses token i of every running sequence and records it (tokens, steps, exit values)."""
         token = next_token(jax.random.fold_in(sample_key, i), result.logits, seen, sampling)
         token = jnp.where(done, NO_TOKEN, token)
+        tokens, steps, values = record
         tokens = tokens.at[:, i].set(token)
         steps = steps.at[:, i].set(jnp.where(done, 0, result.steps))
+        if values is not None:
+            values = values.at[:, i].set(jnp.where(done[:, None], jnp.nan, result.exit_values))
         seen = seen.at[rows, jnp.maximum(token, 0)].max(~done)
         stream(streamer, token, ~done)
         done = done | jnp.isin(token, stop_ids)
-        return token, seen, done, tokens, steps
+        return token, seen, done, (tokens, steps, values)
 
     tokens = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32)
     steps = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    values = None
+    if result.exit_values is not None:
+        values = jnp.full((batch, max_new_tokens, result.exit_values.shape[-1]), jnp.nan, jnp.float32)
     seen = seen_tokens(prompts, lengths, config.vocab_size)
-    token, seen, done, tokens, steps = emit(0, result, seen, ~all_rows, tokens, steps)
+    token, seen, done, record = emit(0, result, seen, ~all_rows, (tokens, steps, values))
 
     def running(view: int, carry) -> Array:
-        i, _, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done) & (jnp.max(lengths) + i - 1 < view)
 
     def decode_one(view: int, carry):
         """Feeds token i - 1 of every running sequence (at its own position) and chooses token i."""
-        i, cache, token, next_state, seen, done, tokens, steps = carry
+        i, cache, token, next_state, seen, done, record = carry
         positions = (lengths + i - 1)[:, None]
         if continuous_compute:
             state = next_state[:, None, :]
@@ -130,14 +140,14 @@ def decode(params: dict, config: HuginnConfig, runner: TokenRunner, cache: KVCac
         block = TokenBlock(tokens=jnp.where(done, 0, token)[:, None], positions=positions,
                            lengths=jnp.ones_like(lengths), active=~done, state=state, is_prompt=False)
         cache, result = runner(cache.view(view), block)
-        token, seen, done, tokens, steps = emit(i, result, seen, done, tokens, steps)
-        return i + 1, cache.view(None), token, result.next_state, seen, done, tokens, steps
+        token, seen, done, record = emit(i, result, seen, done, record)
+        return i + 1, cache.view(None), token, result.next_state, seen, done, record
 
-    carry = (jnp.int32(1), cache, token, result.next_state, seen, done, tokens, steps)
+    carry = (jnp.int32(1), cache, token, result.next_state, seen, done, record)
     for view in attention_views(cache.capacity):
         carry = jax.lax.while_loop(functools.partial(running, view), functools.partial(decode_one, view), carry)
-    _, cache, _, _, _, _, tokens, steps = carry
-    return tokens, steps, cache
+    _, cache, _, _, _, _, (tokens, steps, values) = carry
+    return tokens, steps, values, cache
 
 
 def write_positions(block: TokenBlock, active: Array, capacity: int) -> Array:

@@ -63,14 +63,16 @@ def pack_prompts(input_ids: Any, config: HuginnConfig) -> tuple[np.ndarray, np.n
     return padded, lengths
 
 
-def check_room(lengths: np.ndarray, max_new_tokens: int, config: HuginnConfig) -> None:
-    """Every prompt plus its new tokens must fit into the model's context."""
+def check_room(lengths: np.ndarray, max_new_tokens: int, config: HuginnConfig, headroom: int = 0) -> None:
+    """Every prompt plus its new tokens (and `headroom` positions a sampler looks ahead) must fit
+    into the model's context."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     longest = int(lengths.max())
-    if longest + max_new_tokens > config.block_size:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context "
-                         f"of {config.block_size} tokens")
+    if longest + max_new_tokens + headroom > config.block_size:
+        extra = f" plus {headroom} positions of lookahead" if headroom else ""
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{extra} exceeds the "
+                         f"context of {config.block_size} tokens")
 
 
 def stop_token_array(stop_token_ids: Sequence[int] | None, config: HuginnConfig) -> np.ndarray:
@@ -153,6 +155,9 @@ class GenerateOutput:
     tokens: np.ndarray  # [B, max_new_tokens] int32; NO_TOKEN after a sequence has stopped
     lengths: np.ndarray  # [B] generated tokens per sequence, a stop token included
     recurrence_steps: np.ndarray  # [B, max_new_tokens] core steps spent on each token, 0 past the end
+    # [B, max_new_tokens, num_steps] float32, when the adaptive sampler records them: the exit
+    # criterion's value after each core step of each token; NaN where it was not checked.
+    exit_values: np.ndarray | None = None
 
     def sequences(self) -> list[list[int]]:
         """The generated ids of each sequence, without the fill."""

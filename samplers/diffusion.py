@@ -74,7 +74,10 @@ class DiffusionOutput(GenerateOutput):
     stats: the scalar statistics of `STAT_NAMES` ([B] each), and `recurrence_per_position`,
     `token_stable_per_position` (lists over the prompt and all frozen tokens of each sequence).
     tablets: with `return_analysis_tablets`, per sequence the per-step arrays `token_tablet`,
-    `frozen_tablet`, `counter_tablet`, `stability_tablet` [steps, positions] (as the reference).
+    `frozen_tablet`, `counter_tablet`, `stability_tablet` [steps, positions] (as the reference) and
+    `criterion_tablet`: the latent freeze strategies' criterion at each position the step judged
+    (NaN elsewhere, and throughout for "token-stability" and "fixed", whose rules read the
+    stability and counter tablets).
     """
 
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -126,6 +129,7 @@ class Wave:
     cache_clears: Array  # [B]
     standing_waves: Array  # [B]
     tablets: Array  # [4, B, rows, S] token, frozen, counter, stability tablets (rows may be 0)
+    criterion_tablet: Array  # [B, rows, S] float32 freeze criterion per position (NaN: not judged)
 
 
 def generate_diffusion_style(
@@ -264,6 +268,7 @@ def diffusion_output(wave: Wave, lengths: np.ndarray, plan: Plan, reference_comp
     if plan.tablet_rows:
         tablets = {name: np.asarray(wave.tablets[i]) for i, name in
                    enumerate(("token_tablet", "frozen_tablet", "counter_tablet", "stability_tablet"))}
+        tablets["criterion_tablet"] = np.asarray(wave.criterion_tablet)
     return DiffusionOutput(tokens=tokens, lengths=generated.astype(np.int64), recurrence_steps=steps, stats=stats,
                            tablets=tablets)
 
@@ -369,7 +374,8 @@ def start_wave(params: dict, config: HuginnConfig, plan: Plan, cache: KVCache, p
                 prev_delta=zeros, prev_delta_len=width, old_start=zero, old_old_start=zero, embeds=embeds,
                 embeds_end=embeds_end, counter=counter, stable=jnp.zeros_like(counter), k=zero, old_k=zero,
                 step=zero, done=n_frozen - lengths >= plan.max_new_tokens, core_passes=core_passes,
-                tokens_forward=tokens_forward, cache_clears=zero, standing_waves=zero, tablets=tablets)
+                tokens_forward=tokens_forward, cache_clears=zero, standing_waves=zero, tablets=tablets,
+                criterion_tablet=jnp.full((batch, plan.tablet_rows, capacity), jnp.nan, jnp.float32))
     return wave, cache
 
 
@@ -456,19 +462,27 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     before = ring_read(wave.prev_states, positions + shift[:, None])
     no_delta = (wave.prev_delta, wave.prev_delta_len)
 
+    def judged(criterion: Array, valid: Array, at: Array) -> tuple[Array, Array]:
+        """The criterion [B, W] where it was evaluated, and the positions to record it at."""
+        return jnp.where(valid, criterion, jnp.nan), jnp.where(valid, at, capacity)
+
+    not_judged = (jnp.full((batch, window), jnp.nan, jnp.float32), jnp.full((batch, window), capacity))
+
     def latest_exit(criterion: Array, valid: Array) -> tuple[Array, Array]:
         any_exit, last = last_true(valid & (criterion < values["exit_t"]))
         return any_exit, start + last + 1
 
     def latent_diff():
-        return *latest_exit(relative_change(state, before), index < n_match[:, None]), *no_delta
+        change, valid = relative_change(state, before), index < n_match[:, None]
+        return *latest_exit(change, valid), *no_delta, *judged(change, valid, positions)
 
     def latent_acceleration_1():
         delta = state - before
         last_delta = ring_read(wave.prev_delta, wave.old_start[:, None] + index)
         valid = index < jnp.minimum(n_match, wave.prev_delta_len)[:, None]
         memory = ring_write(wave.prev_delta, positions, delta, (index < n_match[:, None]) & active[:, None])
-        return *latest_exit(norm(delta - last_delta) / norm(state), valid), memory, n_match
+        acceleration = norm(delta - last_delta) / norm(state)
+        return *latest_exit(acceleration, valid), memory, n_match, *judged(acceleration, valid, positions)
 
     def latent_acceleration_2():
         lo = jnp.maximum(jnp.maximum(start, wave.old_start), wave.old_old_start)
@@ -480,17 +494,18 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
         earlier = ring_read(wave.prev2_states, at - wave.old_old_start[:, None] + wave.old_start[:, None])
         acceleration = (current - previous) - (previous - earlier)
         # the reference adds the index within the overlap to the start, as here
-        return *latest_exit(norm(acceleration) / (norm(current) + 1e-6), index < (hi - lo)[:, None]), *no_delta
+        criterion, valid = norm(acceleration) / (norm(current) + 1e-6), index < (hi - lo)[:, None]
+        return *latest_exit(criterion, valid), *no_delta, *judged(criterion, valid, at)
 
     def token_stability():
         any_stable, last = last_true(stable > values["num_steps"] // r_inner)
-        return any_stable, last + 1, *no_delta
+        return any_stable, last + 1, *no_delta, *not_judged
 
     def fixed():
         return jnp.broadcast_to(wave.step > values["num_steps"] // r_inner, start.shape), \
-            n_frozen + headway_in_step, *no_delta
+            n_frozen + headway_in_step, *no_delta, *not_judged
 
-    freeze, k_new, prev_delta, prev_delta_len = jax.lax.switch(
+    freeze, k_new, prev_delta, prev_delta_len, criterion, criterion_at = jax.lax.switch(
         values["freeze"], [latent_diff, latent_acceleration_1, latent_acceleration_2, token_stability, fixed])
     is_fixed = values["freeze"] == FREEZE_STRATEGIES.index("fixed")
     is_token = values["freeze"] == FREEZE_STRATEGIES.index("token-stability")
@@ -515,13 +530,15 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     end = jnp.where(values["compatible"], new_frozen, jnp.minimum(new_frozen, wave.prompt_len + plan.max_new_tokens))
     stream_frozen(streamer, seq, jnp.maximum(n_frozen, wave.prompt_len), end, active)
 
-    tablets = wave.tablets
+    tablets, criterion_tablet = wave.tablets, wave.criterion_tablet
     if plan.tablet_rows:
         record = active & ~finished & (wave.step < plan.tablet_rows)
         rows_at = jnp.where(record, wave.step, plan.tablet_rows)
         entries = jnp.stack([jnp.where(seq_pos < n_cur[:, None], seq, 0),
                              jnp.where(seq_pos < new_frozen[:, None], seq, 0), counter, stable])
         tablets = tablets.at[:, rows, rows_at].set(entries, mode="drop")
+        criterion_tablet = criterion_tablet.at[rows[:, None], rows_at[:, None], criterion_at].set(criterion,
+                                                                                                  mode="drop")
 
     step = wave.step + (~finished).astype(jnp.int32)
     done = finished | (new_frozen - wave.prompt_len >= plan.max_new_tokens) | (n_cur > config.block_size)
@@ -532,7 +549,8 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
         old_old_start=wave.old_start, embeds=embeds_ring, embeds_end=embeds_end, counter=counter, stable=stable,
         k=k, old_k=k, step=step, done=done, core_passes=wave.core_passes + r_inner,
         tokens_forward=wave.tokens_forward + r_inner * width, cache_clears=wave.cache_clears + clears,
-        standing_waves=wave.standing_waves + capped.astype(jnp.int32), tablets=tablets)
+        standing_waves=wave.standing_waves + capped.astype(jnp.int32), tablets=tablets,
+        criterion_tablet=criterion_tablet)
     keep = jax.tree.map(lambda a: active.reshape((-1,) + (1,) * (a.ndim - 1)) if a.ndim else active, new)
     keep = keep.replace(tablets=active[None, :, None, None])
     return jax.tree.map(jnp.where, keep, new, wave), cache

@@ -10,6 +10,7 @@ from huginn_jax.config import HuginnConfig
 from samplers.adaptive_ar import generate_with_adaptive_compute
 from samplers.common import GenerateOutput
 from samplers.diffusion import generate_diffusion_style
+from samplers.speculative import generate_speculative
 from samplers.static_ar import generate_minimal
 
 # The reference routes on these option names, in this order.
@@ -22,12 +23,9 @@ SAMPLER_TRIGGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 SAMPLERS: dict[str, Callable[..., GenerateOutput]] = {
     "generate_minimal": generate_minimal,
     "generate_with_adaptive_compute": generate_with_adaptive_compute,
+    "generate_speculative": generate_speculative,
     "generate_diffusion_style": generate_diffusion_style,
 }
-
-
-class UnsupportedSamplerError(NotImplementedError):
-    """The options select a sampler of the reference that huginn-jax does not provide yet."""
 
 
 def sampler_name(options: dict[str, Any]) -> str:
@@ -41,9 +39,6 @@ def sampler_name(options: dict[str, Any]) -> str:
 def generate(params: dict, input_ids: Any, *, config: HuginnConfig, **options: Any) -> GenerateOutput:
     """Runs the sampler that `options` select (see `SAMPLER_TRIGGERS`) with those options."""
     name = sampler_name(options)
-    if name not in SAMPLERS:
-        triggers = sorted(set(options) & set(dict(SAMPLER_TRIGGERS)[name]))
-        raise UnsupportedSamplerError(f"{triggers} select {name}, which huginn-jax does not implement yet")
     sampler = SAMPLERS[name]
     accepted = {p.name for p in inspect.signature(sampler).parameters.values()
                 if p.kind == inspect.Parameter.KEYWORD_ONLY} - {"config"}

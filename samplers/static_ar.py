@@ -45,7 +45,7 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     num_steps = check_num_steps(config.mean_recurrence if num_steps is None else num_steps)
     prep = prepare(params, input_ids, config, max_new_tokens, cache_lookup_strategy, num_steps, init_scale,
                    sampling, stop_token_ids, key)
-    tokens, steps, _ = _generate(params, prep.cache, prep.prompts, prep.lengths, jnp.int32(num_steps),
+    tokens, steps, _, _ = _generate(params, prep.cache, prep.prompts, prep.lengths, jnp.int32(num_steps),
                                  jnp.float32(init_scale), prep.sampling, prep.stops, prep.key, config=config,
                                  max_new_tokens=max_new_tokens, continuous_compute=continuous_compute,
                                  streamer=streamer)
@@ -57,7 +57,7 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
 def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, num_steps: Array, init_scale: Array,
               sampling: SamplingConfig, stop_ids: Array, key: Array, *, config: HuginnConfig,
               max_new_tokens: int, continuous_compute: bool,
-              streamer: StreamCallback | None) -> tuple[Array, Array, KVCache]:
+              streamer: StreamCallback | None) -> tuple[Array, Array, None, KVCache]:
     def run(cache: KVCache, block: TokenBlock) -> tuple[KVCache, TokenResult]:
         positions = write_positions(block, block.active, cache.capacity)
         result, cache = run_tokens(params, config, cache, block.tokens, positions, block.state, num_steps)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import gc
+
+import jax
 import pytest
 
 from experiments.reference_check import DEFAULT_FIXTURE, Fixture, load_fixture
 
 FIXTURE_DIR = DEFAULT_FIXTURE
 CHECKPOINT_DIR = FIXTURE_DIR / "checkpoint"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. XLA:CPU maps memory for every
+    executable; the whole suite compiles enough of them to exceed the kernel's default limit of
+    65530 memory maps per process, at which point compilation aborts."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

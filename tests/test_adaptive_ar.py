@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.reference_check import run_case
+from huginn_jax import forward
 from samplers import ExitCriterion, generate_minimal, generate_with_adaptive_compute
 from tests.conftest import reference_cases
 
@@ -94,3 +95,39 @@ def test_invalid_options_are_named(reference, options, message):
     with pytest.raises(ValueError, match=message):
         generate_with_adaptive_compute(reference.params, reference.arrays["gen_prompt"], config=reference.config,
                                        max_new_tokens=4, init_scale=0.0, **options)
+
+
+def test_recorded_exit_values_explain_every_exit_and_change_no_token(reference):
+    prompts = unequal_prompts(reference)
+    options = dict(config=reference.config, max_new_tokens=12, init_scale=0.0, stop_token_ids=(), num_steps=16,
+                   criterion="kl", exit_threshold=0.01, min_steps=2, check_criterion_every_n_steps=2)
+    plain = generate_with_adaptive_compute(reference.params, prompts, **options)
+    recorded = generate_with_adaptive_compute(reference.params, prompts, record_exit_values=True, **options)
+    assert plain.exit_values is None
+    assert recorded.sequences() == plain.sequences()
+    np.testing.assert_array_equal(recorded.recurrence_steps, plain.recurrence_steps)
+    values = recorded.exit_values
+    assert values.shape == (len(prompts), 12, 16)
+    for row, n in enumerate(recorded.lengths):
+        for i in range(n):
+            depth = recorded.recurrence_steps[row, i]
+            checked = np.flatnonzero(~np.isnan(values[row, i]))  # steps 2, 4, ... up to the exit
+            assert set(checked) <= {2, 4, 6, 8, 10, 12, 14}
+            assert checked.max() == (depth - 1 if depth < 16 else 14)
+            below = values[row, i, checked] < 0.01
+            assert not below[:-1].any() and below[-1] == (depth < 16)  # it exits at the first check below
+        assert np.isnan(values[row, n:]).all()
+
+
+def test_prefill_latent_diff_values_match_the_forward_trajectory(reference):
+    """The prompt's recorded latent-diff values are the relative change between consecutive states
+    of `forward(return_trajectory=True)`, averaged over the prompt."""
+    prompt = reference.arrays["gen_prompt"]
+    out = generate_with_adaptive_compute(reference.params, prompt, config=reference.config, max_new_tokens=1,
+                                         init_scale=0.0, num_steps=8, criterion="latent-diff", exit_threshold=0.0,
+                                         record_exit_values=True)
+    trajectory = np.asarray(forward(reference.params, prompt, 8, config=reference.config, init_scale=0.0,
+                                    return_trajectory=True).trajectory, np.float64)
+    previous = np.concatenate([np.zeros_like(trajectory[:1]), trajectory[:-1]])
+    change = np.linalg.norm(trajectory - previous, axis=-1) / np.linalg.norm(trajectory, axis=-1)
+    np.testing.assert_allclose(out.exit_values[0, 0], change.mean(axis=(1, 2)), rtol=1e-5)

@@ -103,6 +103,24 @@ def test_analysis_tablets_record_every_step(reference):
     assert not tablets["token_tablet"][steps:].any()  # rows after the last step stay empty
     counts = tablets["counter_tablet"][:steps].sum(axis=1)
     assert (np.diff(counts) > 0).all()  # every step adds recurrence somewhere
+    # The latent-diff criterion is judged inside the wavefront, at positions already recurred on,
+    # from the second step on; recording it changes nothing.
+    criterion = tablets["criterion_tablet"]
+    judged = ~np.isnan(criterion)
+    assert judged[1:steps].any(axis=1).all() and not judged[steps:].any()
+    assert (criterion[judged] >= 0).all()
+    assert (tablets["counter_tablet"][judged] > 0).all()
+    plain = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], config=reference.config,
+                                     key=jax.random.key(3), **NOISY)
+    assert plain.tablets is None and plain.sequences() == out.sequences()
+    np.testing.assert_array_equal(plain.stats["num_cache_clears"], out.stats["num_cache_clears"])
+
+
+def test_rules_without_a_latent_criterion_leave_the_criterion_tablet_empty(reference):
+    options = dict(NOISY, freeze_strategy="fixed", max_new_tokens=8)
+    out = generate_diffusion_style(reference.params, reference.arrays["gen_prompt"], config=reference.config,
+                                   key=jax.random.key(3), return_analysis_tablets=True, **options)
+    assert np.isnan(out.tablets["criterion_tablet"]).all() and out.tablets["counter_tablet"].any()
 
 
 def test_streaming_hands_over_each_newly_frozen_token_once(reference):

@@ -74,3 +74,42 @@ def test_huginn_0125_shapes_trace_through_forward_and_decode():
                                                      init_scale=1.0, input_states=None), params, ids)
     assert out.logits.shape == (2, 16, 65536) and out.logits.dtype == jnp.float32
     assert out.latents.shape == (2, 16, 5280) and out.latents.dtype == jnp.bfloat16
+
+
+def test_trajectory_matches_the_reference_at_every_recorded_depth(reference):
+    """One 16-step trajectory holds the reference's states after 1, 4, 8 and 16 steps: ln_f of
+    entry d - 1 is its `latent_states` at depth d, and the logit lens decodes it to its logits."""
+    ids = reference.arrays["fwd0_input_ids"]
+    out = model.forward(reference.params, ids, 16, config=reference.config, init_scale=0.0, return_trajectory=True)
+    assert out.trajectory.shape == (16, *ids.shape, reference.config.n_embd)
+    lens = model.logit_lens(reference.params, out.trajectory, config=reference.config)
+    assert lens.shape == (16, *ids.shape, reference.config.vocab_size)
+    for depth in (1, 4, 8, 16):
+        want_logits = reference.arrays[f"fwd0_steps{depth}_logits"]
+        want_latents = reference.arrays[f"fwd0_steps{depth}_latents"]
+        latents = model.rms_norm(out.trajectory[depth - 1], reference.params["ln_f"], reference.config.norm_eps)
+        np.testing.assert_allclose(latents, want_latents, rtol=0, atol=1e-5 * np.abs(want_latents).max())
+        np.testing.assert_allclose(lens[depth - 1], want_logits, rtol=0, atol=1e-5 * np.abs(want_logits).max())
+
+
+def test_recording_the_trajectory_changes_no_result(reference):
+    ids = reference.arrays["fwd1_input_ids"]
+    options = dict(config=reference.config, key=jax.random.key(7), init_scale=1.0)
+    plain = model.forward(reference.params, ids, 5, **options)
+    traced = model.forward(reference.params, ids, 5, return_trajectory=True, **options)
+    assert plain.trajectory is None
+    np.testing.assert_array_equal(traced.logits, plain.logits)
+    np.testing.assert_array_equal(traced.latents, plain.latents)
+    # the last entry is the final state: its ln_f is `latents`, its logit lens is `logits`
+    np.testing.assert_array_equal(model.rms_norm(traced.trajectory[-1], reference.params["ln_f"],
+                                                 reference.config.norm_eps), traced.latents)
+    np.testing.assert_array_equal(model.logit_lens(reference.params, traced.trajectory[-1],
+                                                   config=reference.config), traced.logits)
+
+
+def test_trajectory_and_logit_lens_reject_what_they_cannot_shape(reference):
+    ids = reference.arrays["fwd0_input_ids"]
+    with pytest.raises(ValueError, match="return_trajectory needs an integer num_steps >= 1"):
+        model.forward(reference.params, ids, 0, config=reference.config, init_scale=0.0, return_trajectory=True)
+    with pytest.raises(ValueError, match=r"states must have shape \[..., batch, length, 64\]"):
+        model.logit_lens(reference.params, np.zeros((7, 64), np.float32), config=reference.config)
