@@ -3,7 +3,7 @@
 With no flags it runs the tiny reference checkpoint that ships with the repository (no download):
 
     python -m experiments.generate
-    python -m experiments.generate --checkpoint=/path/to/hf_folder --prompt_ids=1,2,3 --num_steps=32
+    python -m experiments.generate --checkpoint=/path/to/hf_or_converted_folder --prompt_ids=1,2,3 --num_steps=32
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import quiet_jax_logs
-from experiments.reference_check import DEFAULT_FIXTURE
-from huginn_jax.loading import load_hf_checkpoint
+from experiments.common import DEFAULT_FIXTURE, load_checkpoint, quiet_jax_logs
 from samplers import SamplingConfig, generate_minimal
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", str(DEFAULT_FIXTURE / "checkpoint"), "Hugging Face layout folder.")
+flags.DEFINE_string("checkpoint", str(DEFAULT_FIXTURE / "checkpoint"),
+                    "A Hugging Face layout folder or a converted (python -m convert) checkpoint.")
 flags.DEFINE_list("prompt_ids", ["148", "63", "149", "65", "196", "220", "117", "146", "68", "144", "125", "78"],
                   "Prompt token ids (default: the reference fixture's generation prompt).")
 flags.DEFINE_integer("max_new_tokens", 24, "Tokens to generate.")
@@ -39,7 +38,7 @@ flags.DEFINE_integer("seed", 0, "PRNG seed of the initial states and of sampling
 def main(argv: list[str]) -> None:
     del argv
     quiet_jax_logs()
-    config, params = load_hf_checkpoint(FLAGS.checkpoint, dtype=jnp.dtype(FLAGS.dtype))
+    config, params = load_checkpoint(FLAGS.checkpoint, jnp.dtype(FLAGS.dtype))
     prompt = np.asarray([[int(t) for t in FLAGS.prompt_ids]], np.int32)
     num_steps = FLAGS.num_steps or config.mean_recurrence
     print(f"model: width {config.n_embd}, {config.n_layers_in_prelude}/{config.n_layers_in_recurrent_block}/"

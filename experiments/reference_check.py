@@ -23,14 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import quiet_jax_logs
-from huginn_jax import checkpoint as converted
+from experiments.common import DEFAULT_FIXTURE, load_checkpoint, quiet_jax_logs
 from huginn_jax.config import HuginnConfig
-from huginn_jax.loading import load_hf_checkpoint
 from huginn_jax.model import forward
 from samplers import generate
 
-DEFAULT_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "huginn-reference-tiny"
 MAX_NEW_TOKENS = 24  # the fixture's generate cases all use max_new_tokens=24 and init_scale=0
 
 FLAGS = flags.FLAGS
@@ -60,10 +57,7 @@ def load_fixture(fixture_dir: str | os.PathLike[str] = DEFAULT_FIXTURE,
     """The fixture's cases and arrays, with the parameters of `checkpoint` (default: its own)."""
     fixture_dir = Path(fixture_dir)
     checkpoint = checkpoint or fixture_dir / "checkpoint"
-    if converted.is_checkpoint(checkpoint):
-        config, params = converted.restore(checkpoint, dtype=jnp.float32)
-    else:
-        config, params = load_hf_checkpoint(checkpoint)
+    config, params = load_checkpoint(checkpoint, jnp.float32)
     with open(fixture_dir / "cases.json", encoding="utf-8") as f:
         cases = json.load(f)["cases"]
     return Fixture(config, params, np.load(fixture_dir / "arrays.npz"), cases)
