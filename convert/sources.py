@@ -200,11 +200,13 @@ def _read_index(index: Path) -> tuple[dict[str, str], list[str]]:
     return weight_map, problems
 
 
-def _open_safetensors(files: list[Path], key_files: dict[str, str] | None
-                      ) -> tuple[SafetensorsReader, list[str], set[str]]:
+def _locate_keys(files: list[Path], key_files: dict[str, str] | None, read_keys: Callable[[Path], Any],
+                 unreadable: tuple[type[BaseException], ...], describe: Callable[[BaseException], str]
+                 ) -> tuple[dict[str, str], list[str], set[str]]:
+    """Reads which keys each weight file holds (`read_keys`) and checks them against the index:
+    (key -> path of the file to read it from, every problem found, the files that cannot be read)."""
     problems: list[str] = []
     broken: set[str] = set()
-    entries: dict[str, Entry] = {}
     holders: dict[str, list[str]] = {}
     for file in files:
         if not file.exists():
@@ -212,28 +214,38 @@ def _open_safetensors(files: list[Path], key_files: dict[str, str] | None
             broken.add(file.name)
             continue
         try:
-            file_entries, _ = read_header(file)
-        except SafetensorsFormatError as err:
-            problems.append(f"{file.name}: {err}")
+            keys = read_keys(file)
+        except unreadable as err:
+            problems.append(f"{file.name}: {describe(err)}")
             broken.add(file.name)
             continue
-        for key, entry in file_entries.items():
+        for key in keys:
             holders.setdefault(key, []).append(file.name)
-            if key_files is None or key_files.get(key) == file.name:
-                entries[key] = entry
     for key, names in sorted(holders.items()):
         if len(names) > 1:
             problems.append(f"{key}: stored more than once (in {', '.join(names)})")
         elif key_files is not None and key not in key_files:
             problems.append(f"{key}: stored in {names[0]} but not listed in the index")
-    folder = files[0].parent
     if key_files is None:
         key_files = {key: names[0] for key, names in holders.items()}
     for key, name in sorted(key_files.items()):
-        if name not in broken and key not in entries:
+        if name not in broken and name not in holders.get(key, []):
             problems.append(f"{key}: the index puts it in {name}, which does not hold it")
-    readable = {k: os.fspath(folder / n) for k, n in key_files.items() if k in entries}
-    return SafetensorsReader(readable, entries), problems, broken
+    folder = files[0].parent
+    paths = {k: os.fspath(folder / n) for k, n in key_files.items() if n in holders.get(k, [])}
+    return paths, problems, broken
+
+
+def _open_safetensors(files: list[Path], key_files: dict[str, str] | None
+                      ) -> tuple[SafetensorsReader, list[str], set[str]]:
+    headers: dict[str, dict[str, Entry]] = {}
+
+    def read_keys(file: Path) -> Any:
+        headers[os.fspath(file)] = read_header(file)[0]
+        return headers[os.fspath(file)]
+
+    paths, problems, broken = _locate_keys(files, key_files, read_keys, (SafetensorsFormatError,), str)
+    return SafetensorsReader(paths, {k: headers[p][k] for k, p in paths.items()}), problems, broken
 
 
 def _open_torch(files: list[Path], key_files: dict[str, str] | None) -> tuple[TorchReader, list[str], set[str]]:
@@ -243,40 +255,20 @@ def _open_torch(files: list[Path], key_files: dict[str, str] | None) -> tuple[To
         raise CheckpointError(os.fspath(files[0]), [
             "PyTorch state dicts (.bin, .pt) need torch installed (pip install torch); "
             "safetensors checkpoints do not"]) from None
-
-    def load(path: str) -> dict[str, Any]:
-        with contextlib.suppress(RuntimeError):  # the legacy (non-zip) format cannot be memory-mapped
-            return _state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        return _state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-    problems: list[str] = []
-    broken: set[str] = set()
-    holders: dict[str, list[str]] = {}
     states: dict[str, dict[str, Any]] = {}
-    for file in files:
-        if not file.exists():
-            problems.append(f"{file.name}: listed in the index but does not exist")
-            broken.add(file.name)
-            continue
-        try:
-            states[os.fspath(file)] = load(os.fspath(file))
-        except Exception as err:  # torch raises many types for damaged files
-            problems.append(f"{file.name}: cannot be read as a PyTorch state dict ({type(err).__name__}: {err})")
-            broken.add(file.name)
-            continue
-        for key in states[os.fspath(file)]:
-            holders.setdefault(key, []).append(file.name)
-    for key, names in sorted(holders.items()):
-        if len(names) > 1:
-            problems.append(f"{key}: stored more than once (in {', '.join(names)})")
-    folder = files[0].parent
-    if key_files is None:
-        key_files = {key: names[0] for key, names in holders.items()}
-    for key, name in sorted(key_files.items()):
-        if name not in broken and name not in holders.get(key, []):
-            problems.append(f"{key}: the index puts it in {name}, which does not hold it")
-    readable = {k: os.fspath(folder / n) for k, n in key_files.items() if n in holders.get(k, [])}
-    return TorchReader(readable, states.__getitem__), problems, broken
+
+    def read_keys(file: Path) -> Any:
+        path = os.fspath(file)
+        with contextlib.suppress(RuntimeError):  # the legacy (non-zip) format cannot be memory-mapped
+            states[path] = _state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            return states[path]
+        states[path] = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return states[path]
+
+    paths, problems, broken = _locate_keys(
+        files, key_files, read_keys, (Exception,),  # torch raises many types for damaged files
+        lambda err: f"cannot be read as a PyTorch state dict ({type(err).__name__}: {err})")
+    return TorchReader(paths, states.__getitem__), problems, broken
 
 
 def _state_dict(loaded: Any) -> dict[str, Any]:

@@ -147,14 +147,11 @@ def forward(params: Params, input_ids: Array, num_steps: Array | int, *, config:
         if init_scale != 0:
             raise ValueError("init_scale > 0 draws a random initial state: pass a PRNG key")
         key = jax.random.key(0)  # multiplied by init_scale = 0 below
-    if return_trajectory:
-        if int(num_steps) != num_steps or num_steps < 1:
-            raise ValueError(f"return_trajectory needs an integer num_steps >= 1, got {num_steps!r}")
-        depth, trajectory_steps = jnp.int32(num_steps), int(num_steps)
-    else:
-        depth, trajectory_steps = jnp.int32(num_steps), 0
-    return _forward(params, input_ids, depth, config=config, key=key, init_scale=jnp.float32(init_scale),
-                    input_states=input_states, trajectory_steps=trajectory_steps)
+    if return_trajectory and (int(num_steps) != num_steps or num_steps < 1):
+        raise ValueError(f"return_trajectory needs an integer num_steps >= 1, got {num_steps!r}")
+    return _forward(params, input_ids, jnp.int32(num_steps), config=config, key=key,
+                    init_scale=jnp.float32(init_scale), input_states=input_states,
+                    trajectory_steps=int(num_steps) if return_trajectory else 0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "trajectory_steps"))

@@ -36,3 +36,9 @@ def reference_cases(kind: str, prefix: str = "") -> list[dict]:
     with open(FIXTURE_DIR / "cases.json", encoding="utf-8") as f:
         cases = json.load(f)["cases"]
     return [c for c in cases if c["kind"] == kind and c.get("name", "").startswith(prefix)]
+
+
+def unequal_prompts(reference: Fixture) -> list[list[int]]:
+    """Three prompts of unequal lengths (12, 7, 9 tokens) made from the fixture's prompt."""
+    prompt = reference.arrays["gen_prompt"][0].tolist()
+    return [prompt, prompt[3:10], list(reversed(prompt))[:9]]

@@ -7,7 +7,7 @@ import pytest
 from experiments.reference_check import run_case
 from huginn_jax import forward
 from samplers import ExitCriterion, generate_minimal, generate_with_adaptive_compute
-from tests.conftest import reference_cases
+from tests.conftest import reference_cases, unequal_prompts
 
 ADAPTIVE_CASES = reference_cases("generate", "ar_adaptive_")
 
@@ -51,11 +51,6 @@ def test_criterion_none_runs_every_step_like_static_ar(reference):
     adaptive = generate_with_adaptive_compute(reference.params, prompt, criterion="none", **options)
     assert (adaptive.recurrence_steps == 5).all()
     assert adaptive.sequences() == generate_minimal(reference.params, prompt, **options).sequences()
-
-
-def unequal_prompts(reference):
-    prompt = reference.arrays["gen_prompt"][0].tolist()
-    return [prompt, prompt[3:10], list(reversed(prompt))[:9]]
 
 
 @pytest.mark.parametrize("strategy", ["full", "latest-m4"])

@@ -7,7 +7,7 @@ import pytest
 
 from experiments.reference_check import run_case
 from samplers import DIFFUSION_PRESETS, generate_diffusion_style
-from tests.conftest import reference_cases
+from tests.conftest import reference_cases, unequal_prompts
 
 DIFFUSION_CASES = reference_cases("generate", "df_")
 
@@ -21,11 +21,6 @@ def test_every_freeze_strategy_is_covered():
 def test_reference_case_tokens_and_statistics(reference, case):
     result = run_case(reference, case)
     assert result.passed, result.detail
-
-
-def unequal_prompts(reference):
-    prompt = reference.arrays["gen_prompt"][0].tolist()
-    return [prompt, prompt[3:10], list(reversed(prompt))[:9]]
 
 
 NOISY = dict(max_new_tokens=20, num_steps=8, inner_recurrence=2, state_noise_mixing=0.5, ema_embeds=0.1,

@@ -7,7 +7,7 @@ import pytest
 from experiments.reference_check import run_case
 from samplers import SamplingConfig, generate, generate_minimal, generate_speculative
 from samplers.common import NO_TOKEN
-from tests.conftest import reference_cases
+from tests.conftest import reference_cases, unequal_prompts
 
 SPECULATIVE_CASES = reference_cases("generate", "spec_")
 
@@ -21,11 +21,6 @@ def test_exact_and_relaxed_verification_are_covered():
 def test_reference_case_token_exact(reference, case):
     result = run_case(reference, case)
     assert result.passed, result.detail
-
-
-def unequal_prompts(reference):
-    prompt = reference.arrays["gen_prompt"][0].tolist()
-    return [prompt, prompt[3:10], list(reversed(prompt))[:9]]
 
 
 OPTIONS = dict(max_new_tokens=20, init_scale=0.0, stop_token_ids=(), num_steps=8)
