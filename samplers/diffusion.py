@@ -19,7 +19,10 @@ at the previous cache index); `latent-acceleration-1` compares deltas by window 
 that hurt users change by default and come back with `reference_compatible=True`:
 - stop tokens: the reference looks for them only after `num_steps` sampler steps and only among the
   tokens frozen in that step, so a stop token frozen earlier is missed and generation overruns;
-  here every newly frozen token is checked at every step and the output ends at the first stop;
+  here every newly frozen token is checked at every step and the output ends at the first stop, and
+  with the latent freeze rules a stop token drafted by a state that converged in this step ends it
+  too (it is final, as AR would emit it; the reference waits for the latent of the position that
+  reads the stop token, which a model may never have trained and which need not converge);
 - headway filler: the reference fills the extra `headway - 1` positions with random ids from
   [0, 65510), special tokens included; here the ids come from [0, 65504), the ordinary vocabulary.
 In default mode the output also stops at `max_new_tokens`; the reference returns every frozen token.
@@ -524,6 +527,11 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     reference_stop = (wave.step > values["num_steps"]) & jnp.any(stops_at & reference_span, axis=1)
     span = (seq_pos >= n_frozen[:, None]) & (seq_pos < new_frozen[:, None]) & (seq_pos >= wave.prompt_len[:, None])
     stop_here = stops_at & span
+    # A stop token drafted by a state that converged in this step (the last frozen position's) is final,
+    # as the token AR would emit from that state: it ends generation without waiting for the latent of
+    # the position that reads it, which no later token needs (and which models rarely train).
+    drafted_stop = latent & freeze & jnp.any(stops_at & (seq_pos == k_new[:, None]), axis=1) & (k_new < n_cur)
+    stop_here = stop_here | ((seq_pos == k_new[:, None]) & (drafted_stop & ~jnp.any(stop_here, axis=1))[:, None])
     stop = jnp.where(values["compatible"], reference_stop, jnp.any(stop_here, axis=1))
     new_frozen = jnp.where(~values["compatible"] & stop, jnp.argmax(stop_here, axis=1) + 1, new_frozen)
     finished = stop | (wave.step > values["max_diffusion_steps"])
