@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from experiments.common import load_task_model, quiet_jax_logs
-from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, heldout_problems, score
+from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, demo_problem, heldout_problems, score
 from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
 from samplers.common import PROMPT_BUCKET
 from samplers.diffusion import PRESETS
@@ -165,8 +165,9 @@ def plot_tablet(out, tokenizer, prompt_length: int, path: Path, title: str) -> N
     for s in range(steps):
         for p in range(tokens.shape[1]):
             if counters[s, p] > 0 and first + p >= prompt_length:
-                ax.text(p, s, tokenizer.tokenizer.id_to_token(int(tokens[s, p])) or "?", ha="center",
-                        va="center", fontsize=6, color="white")
+                label = tokenizer.tokenizer.id_to_token(int(tokens[s, p])) or "?"
+                ax.text(p, s, "end" if label == "<|end_text|>" else label, ha="center", va="center", fontsize=6,
+                        color="white")
     ax.set_xticks(range(last - first), [str(first + p) for p in range(last - first)], fontsize=7)
     ax.set(xlabel="position", ylabel="sampler step", title=title)
     fig.colorbar(image, ax=ax, label="recurrence steps so far")
@@ -192,7 +193,7 @@ def main(argv: list[str]) -> None:
     sweep = accuracy_vs_r(params, config, tokenizer, problems, [int(r) for r in FLAGS.recurrences],
                           jax.random.key(FLAGS.seed))
     table = sampler_table(params, config, tokenizer, problems, {name: rows[name] for name in FLAGS.table})
-    example = problems[0]
+    example = demo_problem()
     prompt = [tokenizer.encode_prompt(example)]
     tablet_run = generate_diffusion_style(params, prompt, config=config, max_new_tokens=FLAGS.max_new_tokens,
                                           num_steps=FLAGS.num_steps, stop_token_ids=[tokenizer.end_id],

@@ -127,5 +127,6 @@ def train_step(state: TrainState, tokens: Array, mask: Array, no_grad_steps: Arr
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
