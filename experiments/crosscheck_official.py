@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 

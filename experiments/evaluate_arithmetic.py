@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm

@@ -33,7 +33,7 @@ from huginn_jax.config import HuginnConfig
 from huginn_jax.model import forward
 from huginn_jax.params import count_params, init_params
 from huginn_jax.tasks import arithmetic
-from huginn_jax.training import OptimizerConfig, TrainState, init_train_state, sample_recurrence, train_step
+from huginn_jax.training import OptimizerConfig, init_train_state, sample_recurrence, train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/arithmetic", "Checkpoints, metrics, plot and the final model go here; "
