@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.common import quiet_jax_logs
+from experiments.common import pyplot, quiet_jax_logs
 from huginn_jax.config import CPU_BENCHMARK, HUGINN_0125, TINY, HuginnConfig
 from huginn_jax.params import init_params
 from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
@@ -151,9 +151,7 @@ def leading_agreement(a: np.ndarray, b: np.ndarray) -> int:
 
 def plot(records: list[dict], path: str) -> None:
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         raise app.UsageError("--plot needs matplotlib: pip install 'huginn-jax[plots]'") from None
     rows = [r for r in records if "tokens_per_s" in r]

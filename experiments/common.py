@@ -34,6 +34,18 @@ def load_task_model(path: str | os.PathLike[str], dtype: Any = "float32") -> tup
     return config, params, TaskTokenizer.from_file(tokenizer_path)
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend; ImportError naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def quiet_jax_logs() -> None:
     """absl shows INFO logs; JAX's backend probing (no TPU, no GPU) and Orbax's per-save steps are
     noise at that level."""

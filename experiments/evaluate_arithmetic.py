@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from experiments.common import load_task_model, quiet_jax_logs
+from experiments.common import load_task_model, pyplot, quiet_jax_logs
 from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, demo_problem, heldout_problems, score
 from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
 from samplers.common import PROMPT_BUCKET
@@ -125,10 +125,7 @@ def sampler_table(params, config, tokenizer, problems, rows: dict[str, Row]) -> 
 
 
 def plot_accuracy_vs_r(results: list[dict], path: Path, trained_mean: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["r"] for r in results], [100 * r["accuracy"] for r in results], "o-")
@@ -144,10 +141,7 @@ def plot_accuracy_vs_r(results: list[dict], path: Path, trained_mean: int) -> No
 
 def plot_tablet(out, tokenizer, prompt_length: int, path: Path, title: str) -> None:
     """Recurrence count per (step, position) with the frozen front, drafted tokens written in."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counters = np.asarray(out.tablets["counter_tablet"][0], float)  # [steps, positions]
     frozen = np.asarray(out.tablets["frozen_tablet"][0])
@@ -210,7 +204,7 @@ def main(argv: list[str]) -> None:
                     f"diffusion (paper-main) on {example.prompt} -> "
                     f"{tokenizer.decode(tablet_run.sequences()[0]).split('<')[0]}")
     except ImportError:
-        logging.warning("matplotlib is not installed (pip install -e '.[plots]'): no plots")
+        logging.warning("matplotlib is not installed (pip install -e '.[plots]'): no plots written")
 
     print(f"\nheld-out accuracy vs r ({len(problems)} problems, greedy static AR, {device}):")
     print(" | ".join(f"r={r['r']}: {100 * r['accuracy']:.1f}%" for r in sweep))

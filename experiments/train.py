@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments.common import quiet_jax_logs
+from experiments.common import pyplot, quiet_jax_logs
 from huginn_jax import checkpoint as converted
 from huginn_jax.config import HuginnConfig
 from huginn_jax.model import forward
@@ -120,10 +120,7 @@ def heldout_eval(params: dict, config: HuginnConfig, tokenizer: arithmetic.TaskT
 
 def plot_loss_curve(records: list[dict], path: Path) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         logging.warning("matplotlib is not installed (pip install -e '.[plots]'): no loss-curve plot")
         return
