@@ -6,6 +6,7 @@ D head dim, M intermediate size.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +39,34 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+@flax.struct.dataclass
+class TokenPositions:
+    """Where a block of tokens sits in its sequences.
+
+    at [B, T]: absolute positions (rotary angles and the causal mask); rope: their cos, sin
+    [B, T, D/2]; writes [B, T] bool or None (all): which tokens store keys and values in a cache
+    (a row that has stopped, or a position outside a wavefront, leaves the cache untouched).
+    """
+
+    at: Array
+    rope: tuple[Array, Array]
+    writes: Array | None = None
+
+    @classmethod
+    def create(cls, positions: Array, config: HuginnConfig, writes: Array | None = None) -> "TokenPositions":
+        return cls(positions, rope_angles(positions, config.head_dim, config.rope_base), writes)
+
+    def with_writes(self, writes: Array | None) -> "TokenPositions":
+        """The same positions, writing only where `writes` [B, T] (and where they wrote before)."""
+        if writes is None:
+            return self
+        return self.replace(writes=writes if self.writes is None else self.writes & writes)
+
+    def cache_positions(self, capacity: int) -> Array:
+        """[B, T] cache index of each token: its position, or `capacity` (dropped) where it does not write."""
+        return self.at if self.writes is None else jnp.where(self.writes, self.at, capacity)
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array,
                           k_valid: Array | None = None) -> Array:
     """Causal attention by absolute position: query t sees keys whose position is <= its own
@@ -61,10 +90,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Arr
     return out.reshape(b, t, h * d)
 
 
-def attention(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
-              cache: KVCache | None, ref: LayerRef) -> tuple[Array, KVCache | None]:
+def attention(p: dict[str, Array], x: Array, where: TokenPositions, cache: KVCache | None,
+              ref: LayerRef) -> tuple[Array, KVCache | None]:
     """Self-attention with the learned q/k bias; with a cache, stores this call's keys for layer
-    application `ref` and attends over what the cache's lookup strategy gives it."""
+    application `ref` (at the positions `where` lets write) and attends over what the cache's
+    lookup strategy gives it."""
     b, t, e = x.shape
     wqkv = p["wqkv"]  # [E, K, G + 2, D]: one product for queries, keys and values
     kv_heads, group, d = wqkv.shape[1], wqkv.shape[2] - 2, wqkv.shape[3]
@@ -74,14 +104,14 @@ def attention(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array
     if "q_bias" in p:
         q = q + p["q_bias"]
         k = k + p["k_bias"]
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k = apply_rope(q, *where.rope), apply_rope(k, *where.rope)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     if cache is None:
-        keys, values, key_pos, valid = k, v, positions, None
+        keys, values, key_pos, valid = k, v, where.at, None
     else:
-        cache, keys, values, valid = cache.update(ref, k, v, positions)
+        cache, keys, values, valid = cache.update(ref, k, v, where.cache_positions(cache.capacity))
         key_pos = jnp.arange(cache.length)[None, :]
-    out = dot_product_attention(q, keys, values, positions, key_pos, valid)
+    out = dot_product_attention(q, keys, values, where.at, key_pos, valid)
     # wo as a [H * D, E] matrix: contracting (h, d) as one axis keeps XLA from transposing the weight.
     wo = p["wo"].reshape(-1, p["wo"].shape[-1])
     return jnp.einsum("btf,fe->bte", out, wo), cache
@@ -95,12 +125,13 @@ def gated_mlp(p: dict[str, Array], x: Array) -> Array:
     return (jax.nn.silu(gate) * up) @ p["w_down"]
 
 
-def sandwich_block(p: dict[str, Array], x: Array, positions: Array, rope: tuple[Array, Array],
-                   config: HuginnConfig, cache: KVCache | None, ref: LayerRef) -> tuple[Array, KVCache | None]:
+def sandwich_block(p: dict[str, Array], x: Array, where: TokenPositions, config: HuginnConfig,
+                   cache: KVCache | None, ref: LayerRef) -> tuple[Array, KVCache | None]:
     """x = n2(attn(n1(x)) + x); x = n4(mlp(n3(x)) + x)."""
     eps = config.norm_eps
-    attn_out, cache = attention(p, rms_norm(x, p["norm_1"], eps), positions, rope, cache, ref)
+    with jax.named_scope("attention"):
+        attn_out, cache = attention(p, rms_norm(x, p["norm_1"], eps), where, cache, ref)
     x = rms_norm(attn_out + x, p["norm_2"], eps)
-    x = rms_norm(gated_mlp(p, rms_norm(x, p["norm_3"], eps)) + x, p["norm_4"], eps)
+    with jax.named_scope("mlp"):
+        x = rms_norm(gated_mlp(p, rms_norm(x, p["norm_3"], eps)) + x, p["norm_4"], eps)
     return x, cache
-

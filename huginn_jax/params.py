@@ -26,6 +26,7 @@ array inside the recurrence loop would copy the weights at every step):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -157,3 +158,56 @@ def logical_axes(config: HuginnConfig) -> Params:
 def count_params(config: HuginnConfig) -> int:
     """Number of scalars in the parameter tree (the tied head counted once)."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(config), is_leaf=is_spec))
+
+
+class ParamsError(ValueError):
+    """A parameter tree that does not match its config, with every mismatch named."""
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+    """'core.2.wqkv' for a jax key path."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def tree_problems(found: dict[str, tuple[tuple[int, ...], Any]], config: HuginnConfig) -> list[str]:
+    """Every way in which leaves {dotted name: (shape, dtype)} fail to be `config`'s parameters:
+    missing, unexpected, mis-shaped leaves, and dtypes other than one shared float32 or bfloat16."""
+    expected = {leaf_name(p): s.shape for p, s in
+                jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
+    problems = [f"{name}: missing (expected shape {list(shape)})" for name, shape in expected.items()
+                if name not in found]
+    problems += [f"{name}: not a parameter of this config (shape {list(found[name][0])})"
+                 for name in found if name not in expected]
+    problems += [f"{name}: shape {list(shape)} but the config needs {list(expected[name])}"
+                 for name, (shape, _) in found.items() if name in expected and tuple(shape) != expected[name]]
+    dtypes = {}
+    for name, (_, dtype) in found.items():
+        dtypes.setdefault(jnp.dtype(dtype).name, []).append(name)
+    allowed = {"float32", "bfloat16"}
+    problems += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: dtype {dtype}; parameters "
+                 "must be float32 or bfloat16" for dtype, names in dtypes.items() if dtype not in allowed]
+    if len(dtypes) > 1 and set(dtypes) <= allowed:
+        counts = ", ".join(f"{len(names)} {dtype} (e.g. {names[0]})" for dtype, names in sorted(dtypes.items()))
+        problems.append(f"parameters must share one dtype, got {counts}")
+    return problems
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(signature: tuple, config: HuginnConfig) -> tuple[str, ...]:
+    return tuple(tree_problems(dict(signature), config))
+
+
+def check_params(params: Any, config: HuginnConfig) -> None:
+    """Raises ParamsError naming every mismatch between a parameter tree and `config` (shapes and
+    dtypes only: cheap, and remembered per tree signature)."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"params must be the parameter dict of init_params / a checkpoint, got {type(params).__name__}")
+    try:
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        signature = tuple((leaf_name(p), (tuple(a.shape), jnp.dtype(a.dtype).name)) for p, a in leaves)
+    except (AttributeError, TypeError) as err:
+        raise ParamsError(f"params must hold arrays: {err}") from None
+    problems = _checked(signature, config)
+    if problems:
+        raise ParamsError(f"params do not match the config ({len(problems)} problem(s)):\n  - "
+                          + "\n  - ".join(problems))

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from huginn_jax.config import HuginnConfig
-from huginn_jax.layers import rope_angles
-from huginn_jax.model import coda, core_step, initial_state, injection, lm_logits, prelude, recur
+from huginn_jax.model import embed_inputs, initial_state, iterate, lm_head, predict_from_latents
+from huginn_jax.recurrence import FixedDepth
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -82,24 +82,15 @@ def unrolled_logits(params: Params, config: HuginnConfig, tokens: Array, no_grad
     activations in the backward pass instead of storing them (activation checkpointing per step)."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    embeds, _ = prelude(params, config, tokens, positions)
-    state = initial_state(config, key, embeds.shape, 1.0, embeds.dtype)
+    block, _ = embed_inputs(params, config, tokens, positions)
+    state = initial_state(config, key, block.embeds.shape, 1.0, block.embeds.dtype)
     frozen = jax.lax.stop_gradient(params)
-    state, _ = recur(frozen, config, state, jax.lax.stop_gradient(embeds), positions, no_grad_steps)
-    state = jax.lax.stop_gradient(state)
-
-    rope = rope_angles(positions, config.head_dim, config.rope_base)
-    injected = injection(params, config, embeds)
-
-    def one_step(state: Array, index: Array) -> tuple[Array, None]:
-        new, _ = core_step(params, config, state, injected, positions, rope, 0)
-        return jnp.where(index < grad_steps, new, state), None
-
-    if remat:
-        one_step = jax.checkpoint(one_step)
-    state, _ = jax.lax.scan(one_step, state, jnp.arange(max(config.mean_backprop_depth, 1)))
-    hidden, _ = coda(params, config, state, positions)
-    return lm_logits(params, config, hidden)
+    recurred, _ = iterate(frozen, config, jax.lax.stop_gradient(block), state, FixedDepth(no_grad_steps))
+    state = jax.lax.stop_gradient(recurred.state)
+    recurred, _ = iterate(params, config, block, state, FixedDepth(grad_steps),
+                          unroll=max(config.mean_backprop_depth, 1), remat=remat)
+    hidden, _ = predict_from_latents(params, config, recurred.state, block.where)
+    return lm_head(params, config, hidden)
 
 
 def masked_loss(logits: Array, tokens: Array, mask: Array) -> tuple[Array, dict[str, Array]]:

@@ -1,160 +1,133 @@
-"""The token-by-token decoding loop that the static-depth and adaptive-depth AR samplers share.
+"""The token-by-token decoding loop of the static-depth and adaptive-depth AR samplers.
 
-A sampler supplies a `TokenRunner`: how to run a block of tokens (the prompt, then one token at a
-time) through the model. This module prefills, then decodes in a `lax.while_loop` on device until
-every sequence has stopped or `max_new_tokens` are out: no Python dispatch per token or per
-recurrence step. Decoding runs in phases of growing attention views, so a step reads the keys of
-the positions in use (rounded up to a power of two), not the whole preallocated buffer.
+A sampler hands it two recurrence controllers (`huginn_jax.recurrence`): one for the prompt and
+one for every new token (`FixedDepth` for static AR, `AdaptiveExit` for adaptive depth). The loop
+prefills, then decodes in a `lax.while_loop` on device until every sequence has stopped or
+`max_new_tokens` are out: no Python dispatch per token or per recurrence step. One compiled
+program serves both samplers. Decoding runs in phases of growing attention views, so a step reads
+the keys of the positions in use (rounded up to a power of two), not the whole preallocated buffer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Protocol, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import CacheLayout, KVCache, attention_views, check_strategy
-from samplers.common import (NO_TOKEN, GenerateOutput, StreamCallback, check_key, check_room, pack_prompts,
-                             random_state, seen_tokens, stop_token_array, stream)
-from samplers.sampling import SamplingConfig, next_token
+from huginn_jax.kv_cache import KVCache, attention_views
+from huginn_jax.model import lm_head, run_block
+from huginn_jax.recurrence import AdaptiveExit, Recurrence
+from samplers import streaming
+from samplers.common import (CHOOSE, INIT_STATE, NO_TOKEN, GenerateOutput, Setup, Stops, choose_tokens, prefill,
+                             random_state, row_keys, seen_tokens)
+from samplers.sampling import SamplingConfig
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenBlock:
-    """Tokens [B, T] to run at `positions` [B, T]; the first `lengths[b]` of row b are real (the
-    rest is padding); rows where `active` is False must leave the cache untouched."""
+@flax.struct.dataclass
+class Decoding:
+    """The decoding loop's carry ([B, ...] leaves but for `index` and `aborted`)."""
 
-    tokens: Array
-    positions: Array
-    lengths: Array
-    active: Array
-    state: Array  # [B, T, E] initial latent state
-    is_prompt: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenResult:
-    logits: Array  # [B, V] float32, at each row's last real token
-    next_state: Array  # [B, E] where continuous compute starts the next token
-    steps: Array  # [B] core steps spent
-    exit_values: Array | None = None  # [B, W] the exit criterion after each step (NaN: not checked)
-
-
-class TokenRunner(Protocol):
-    def __call__(self, cache: KVCache, block: TokenBlock) -> tuple[KVCache, TokenResult]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """Validated inputs of an AR sampler, ready for `decode`."""
-
-    prompts: np.ndarray
-    lengths: np.ndarray
+    index: Array  # scalar int32: tokens chosen so far per sequence (the next one's slot)
     cache: KVCache
-    stops: np.ndarray
-    key: Array
-    sampling: SamplingConfig
+    token: Array  # [B] the last chosen token, fed next
+    next_state: Array  # [B, E] where continuous compute starts the next token
+    seen: Array  # [B, V] ids in each sequence (repetition penalty)
+    done: Array  # [B]
+    tokens: Array  # [B, N] chosen tokens (NO_TOKEN past a stop)
+    steps: Array  # [B, N] core steps each token received
+    exit_values: Array | None  # [B, N, W] the exit criterion after every step, when recorded
+    aborted: Array  # scalar bool: the streamer raised
 
 
-def prepare(params: dict, input_ids: Any, config: HuginnConfig, max_new_tokens: int, cache_lookup_strategy: str,
-            max_steps: int, init_scale: float, sampling: SamplingConfig,
-            stop_token_ids: Sequence[int] | None, key: Array | None, headroom: int = 0) -> Prepared:
-    """Checks the inputs common to the AR samplers and allocates their cache, with room for
-    `headroom` positions past max_new_tokens (speculative drafts)."""
-    check_strategy(cache_lookup_strategy)
-    sampling = sampling.validate()
-    prompts, lengths = pack_prompts(input_ids, config)
-    check_room(lengths, max_new_tokens, config, headroom)
-    key = check_key(key, init_scale != 0 or sampling.do_sample, "init_scale > 0 or do_sample=True")
-    layout = CacheLayout.create(config, cache_lookup_strategy, max(max_steps, 1))
-    capacity = min(prompts.shape[1] + max_new_tokens + headroom, config.block_size)
-    cache = KVCache.create(config, layout, prompts.shape[0], capacity, params["wte"].dtype)
-    return Prepared(prompts, lengths, cache, stop_token_array(stop_token_ids, config), key, sampling)
-
-
-def output(tokens: Array, steps: Array, exit_values: Array | None = None) -> GenerateOutput:
-    tokens, steps = np.asarray(tokens), np.asarray(steps)
+def generate(params: dict, config: HuginnConfig, setup: Setup, cache: KVCache, prompt_recurrence: Recurrence,
+             token_recurrence: Recurrence, *, continuous_compute: bool, resume_from_latents: bool,
+             streamer: streaming.Streamer | None) -> GenerateOutput:
+    """Runs the decoding loop for a validated `setup`; `resume_from_latents`: continuous compute
+    starts from the previous token's latents (ln_f of the state, static AR) or its raw state
+    (adaptive, as the reference)."""
+    with streaming.session(streamer) as number:
+        loop = _decode(params, cache, jnp.asarray(setup.prompts), jnp.asarray(setup.lengths), setup.keys,
+                       jnp.float32(setup.init_scale), setup.sampling, setup.stops, prompt_recurrence,
+                       token_recurrence, number, config=config, max_new_tokens=setup.max_new_tokens,
+                       continuous_compute=bool(continuous_compute), resume_from_latents=resume_from_latents,
+                       stream=streamer is not None)
+        loop = jax.device_get(loop)
+    tokens, steps = np.asarray(loop.tokens), np.asarray(loop.steps)
+    # The first token comes from the prefill, whose steps ran over every prompt position.
+    stats = {"sequential_core_steps": steps.sum(axis=1),
+             "core_position_steps": steps[:, 0] * setup.lengths + steps[:, 1:].sum(axis=1)}
     return GenerateOutput(tokens=tokens, lengths=(tokens != NO_TOKEN).sum(axis=1), recurrence_steps=steps,
-                          exit_values=None if exit_values is None else np.asarray(exit_values))
+                          stats=stats, exit_values=None if loop.exit_values is None else np.asarray(loop.exit_values))
 
 
-def decode(params: dict, config: HuginnConfig, runner: TokenRunner, cache: KVCache, prompts: Array, lengths: Array,
-           init_scale: Array, sampling: SamplingConfig, stop_ids: Array, key: Array, max_new_tokens: int,
-           continuous_compute: bool, streamer: StreamCallback | None) -> tuple[Array, Array, Array | None, KVCache]:
-    """Prefill, then decode up to `max_new_tokens` per sequence: (tokens [B, N], core steps per
-    token [B, N], exit values per token and step [B, N, W] if the runner records them, the cache).
-    Runs inside the sampler's jit."""
-    batch, prompt_width = prompts.shape
+def recorded_values(recurrence: Recurrence, memory) -> Array | None:
+    """The exit criterion's values after every step [B, W], when the controller records them."""
+    return memory.values if isinstance(recurrence, AdaptiveExit) and recurrence.record_width else None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "continuous_compute",
+                                             "resume_from_latents", "stream"), donate_argnames=("cache",))
+def _decode(params: dict, cache: KVCache, prompts: Array, lengths: Array, keys: Array, init_scale: Array,
+            sampling: SamplingConfig, stops: Stops, prompt_recurrence: Recurrence, token_recurrence: Recurrence,
+            stream_number: Array, *, config: HuginnConfig, max_new_tokens: int, continuous_compute: bool,
+            resume_from_latents: bool, stream: bool) -> Decoding:
+    batch = prompts.shape[0]
     rows = jnp.arange(batch)
     dtype = params["wte"].dtype
-    init_key, sample_key = jax.random.split(key)
-    all_rows = jnp.ones((batch,), bool)
 
-    prompt_positions = jnp.broadcast_to(jnp.arange(prompt_width), (batch, prompt_width))
-    prompt = TokenBlock(tokens=prompts, positions=prompt_positions, lengths=lengths, active=all_rows, is_prompt=True,
-                        state=random_state(config, init_key, prompt_positions, init_scale, dtype))
-    cache, result = runner(cache.view(prompt_width), prompt)
-    cache = cache.view(None)
+    def choose(index: Array, logits: Array, steps: Array, values: Array | None, loop: Decoding) -> Decoding:
+        """Chooses token `index` of every running sequence from logits [B, V] and records it."""
+        token = choose_tokens(row_keys(keys, CHOOSE, lengths + index), logits, loop.seen, sampling)
+        token = jnp.where(loop.done, NO_TOKEN, token)
+        exit_values = loop.exit_values
+        if exit_values is not None:
+            exit_values = exit_values.at[:, index].set(jnp.where(loop.done[:, None], jnp.nan, values))
+        aborted = loop.aborted | streaming.emit(stream, stream_number, token[:, None], (~loop.done).astype(jnp.int32))
+        return loop.replace(
+            token=token, seen=loop.seen.at[rows, jnp.maximum(token, 0)].max(~loop.done),
+            done=loop.done | stops.hit(token), tokens=loop.tokens.at[:, index].set(token),
+            steps=loop.steps.at[:, index].set(jnp.where(loop.done, 0, steps)), exit_values=exit_values,
+            aborted=aborted)
 
-    def emit(i: Array, result: TokenResult, seen: Array, done: Array, record: tuple):
-        """Chooses token i of every running sequence and records it (tokens, steps, exit values)."""
-        token = next_token(jax.random.fold_in(sample_key, i), result.logits, seen, sampling)
-        token = jnp.where(done, NO_TOKEN, token)
-        tokens, steps, values = record
-        tokens = tokens.at[:, i].set(token)
-        steps = steps.at[:, i].set(jnp.where(done, 0, result.steps))
-        if values is not None:
-            values = values.at[:, i].set(jnp.where(done[:, None], jnp.nan, result.exit_values))
-        seen = seen.at[rows, jnp.maximum(token, 0)].max(~done)
-        stream(streamer, token, ~done)
-        done = done | jnp.isin(token, stop_ids)
-        return token, seen, done, (tokens, steps, values)
+    prompt, cache = prefill(params, config, cache, prompts, lengths, keys, init_scale, prompt_recurrence)
+    first_values = recorded_values(prompt_recurrence, prompt.block.memory)
+    exit_values = None
+    if first_values is not None:
+        exit_values = jnp.full((batch, max_new_tokens, first_values.shape[-1]), jnp.nan, jnp.float32)
+    loop = Decoding(index=jnp.int32(0), cache=cache, token=jnp.zeros((batch,), jnp.int32),
+                    next_state=prompt.latents if resume_from_latents else prompt.state,
+                    seen=seen_tokens(prompts, lengths, config.vocab_size), done=jnp.zeros((batch,), bool),
+                    tokens=jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32),
+                    steps=jnp.zeros((batch, max_new_tokens), jnp.int32), exit_values=exit_values,
+                    aborted=jnp.bool_(False))
+    loop = choose(0, prompt.logits, prompt.block.steps, first_values, loop)
+    loop = loop.replace(index=jnp.int32(1))
 
-    tokens = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32)
-    steps = jnp.zeros((batch, max_new_tokens), jnp.int32)
-    values = None
-    if result.exit_values is not None:
-        values = jnp.full((batch, max_new_tokens, result.exit_values.shape[-1]), jnp.nan, jnp.float32)
-    seen = seen_tokens(prompts, lengths, config.vocab_size)
-    token, seen, done, record = emit(0, result, seen, ~all_rows, (tokens, steps, values))
+    def running(view: int, loop: Decoding) -> Array:
+        return ((loop.index < max_new_tokens) & ~jnp.all(loop.done) & ~loop.aborted
+                & (jnp.max(lengths) + loop.index - 1 < view))
 
-    def running(view: int, carry) -> Array:
-        i, _, _, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done) & (jnp.max(lengths) + i - 1 < view)
-
-    def decode_one(view: int, carry):
-        """Feeds token i - 1 of every running sequence (at its own position) and chooses token i."""
-        i, cache, token, next_state, seen, done, record = carry
-        positions = (lengths + i - 1)[:, None]
+    def decode_one(view: int, loop: Decoding) -> Decoding:
+        """Feeds token index - 1 of every running sequence (at its own position), chooses token index."""
+        positions = (lengths + loop.index - 1)[:, None]
         if continuous_compute:
-            state = next_state[:, None, :]
+            state = loop.next_state[:, None, :]
         else:
-            state = random_state(config, init_key, positions, init_scale, dtype)
-        block = TokenBlock(tokens=jnp.where(done, 0, token)[:, None], positions=positions,
-                           lengths=jnp.ones_like(lengths), active=~done, state=state, is_prompt=False)
-        cache, result = runner(cache.view(view), block)
-        token, seen, done, record = emit(i, result, seen, done, record)
-        return i + 1, cache.view(None), token, result.next_state, seen, done, record
+            state = random_state(config, keys, positions, init_scale, dtype, INIT_STATE)
+        out, cache = run_block(params, config, jnp.where(loop.done, 0, loop.token)[:, None], positions, state,
+                               token_recurrence, loop.cache.view(view), active=~loop.done)
+        logits = lm_head(params, config, out.hidden[:, 0])
+        next_state = out.latents[:, 0] if resume_from_latents else out.state[:, 0]
+        loop = loop.replace(cache=cache.view(None), next_state=next_state)
+        loop = choose(loop.index, logits, out.steps, recorded_values(token_recurrence, out.memory), loop)
+        return loop.replace(index=loop.index + 1)
 
-    carry = (jnp.int32(1), cache, token, result.next_state, seen, done, record)
     for view in attention_views(cache.capacity):
-        carry = jax.lax.while_loop(functools.partial(running, view), functools.partial(decode_one, view), carry)
-    _, cache, _, _, _, _, (tokens, steps, values) = carry
-    return tokens, steps, values, cache
-
-
-def write_positions(block: TokenBlock, active: Array, capacity: int) -> Array:
-    """Positions at which a block writes the cache: past the buffer (dropped) for inactive rows."""
-    return jnp.where(active[:, None], block.positions, capacity)
-
-
-def last_real(values: Array, lengths: Array) -> Array:
-    """values [B, T, ...] at each row's last real token, lengths - 1."""
-    return values[jnp.arange(values.shape[0]), lengths - 1]
+        loop = jax.lax.while_loop(functools.partial(running, view), functools.partial(decode_one, view), loop)
+    return loop

@@ -1,26 +1,35 @@
-"""Pieces every sampler shares: packing prompts into a right-padded batch, stop tokens, running
-new tokens through the model with the cache, streaming, and the output record.
+"""The stages every sampler shares: one setup (pack prompts, check options, keys, stops, cache),
+one prefill, one way to draw randomness and choose tokens, one output record.
 
 A batch of prompts of unequal length is right-padded and each sequence keeps its own cursor:
 sequence b's next token sits at position lengths[b] + (tokens generated so far). Attention is
 causal by absolute position, so the padding written into the cache is never read: a real token at
 position p only sees positions <= p, all of which hold real tokens by then.
+
+Randomness follows one rule in every sampler: a sequence's random numbers depend on its key, the
+purpose (initial state, token choice, draft, noise, filler), the sampler step where there are
+several per position, and the position, never on its row or on the rest of the batch. So a batch
+gives exactly what each prompt gives alone; pass one key per row (`key` of shape [B]) for
+independent samples of the same prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
+from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import KVCache
-from huginn_jax.layers import rms_norm
-from huginn_jax.model import check_token_ids, coda, initial_state, prelude, recur
+from huginn_jax.kv_cache import CacheLayout, KVCache, check_strategy
+from huginn_jax.model import BlockOutput, check_token_ids, initial_state, lm_head, run_block
+from huginn_jax.params import check_params
+from huginn_jax.recurrence import Recurrence
+from samplers.sampling import SamplingConfig, next_token
 
 Array = jax.Array
 
@@ -33,9 +42,11 @@ PROMPT_BUCKET = 8
 NO_TOKEN = -1
 """Fills the token slots of a sequence after it has stopped."""
 
-StreamCallback = Callable[[np.ndarray, np.ndarray], None]
-"""Called once per decoding step with (tokens [B], active [B]); inactive rows hold NO_TOKEN."""
+# What a random draw is for: each purpose folds its own number into the row's key.
+INIT_STATE, CHOOSE, DRAFT, NOISE, FILLER, NEW_STATE = range(6)
 
+
+# ---------------------------------------------------------------- setup
 
 def pack_prompts(input_ids: Any, config: HuginnConfig) -> tuple[np.ndarray, np.ndarray]:
     """(right-padded ids [B, S] int32, lengths [B]) from an integer array [B, T] or a list of 1-D
@@ -54,8 +65,9 @@ def pack_prompts(input_ids: Any, config: HuginnConfig) -> tuple[np.ndarray, np.n
         for i, row in enumerate(rows):
             packed[i, : row.size] = row
     else:
-        packed = np.asarray(input_ids)
-        lengths = np.full(packed.shape[:1], packed.shape[-1], np.int32) if packed.ndim == 2 else None
+        packed = np.asarray(input_ids) if isinstance(input_ids, jax.Array) else input_ids
+        ndim = getattr(packed, "ndim", 0)
+        lengths = np.full(packed.shape[:1], packed.shape[-1], np.int32) if ndim == 2 else None
     checked = np.asarray(check_token_ids(packed, config))
     padded_length = min(-(-checked.shape[1] // PROMPT_BUCKET) * PROMPT_BUCKET, config.block_size)
     padded = np.zeros((checked.shape[0], padded_length), np.int32)
@@ -66,8 +78,6 @@ def pack_prompts(input_ids: Any, config: HuginnConfig) -> tuple[np.ndarray, np.n
 def check_room(lengths: np.ndarray, max_new_tokens: int, config: HuginnConfig, headroom: int = 0) -> None:
     """Every prompt plus its new tokens (and `headroom` positions a sampler looks ahead) must fit
     into the model's context."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     longest = int(lengths.max())
     if longest + max_new_tokens + headroom > config.block_size:
         extra = f" plus {headroom} positions of lookahead" if headroom else ""
@@ -79,85 +89,171 @@ def stop_token_array(stop_token_ids: Sequence[int] | None, config: HuginnConfig)
     """The stop ids as an int32 array, padded with NO_TOKEN to a multiple of 8 so that a different
     number of stop ids does not recompile; None means Huginn's stop tokens (those in the vocabulary)."""
     if stop_token_ids is None:
-        stop_token_ids = [t for t in HUGINN_STOP_TOKEN_IDS if t < config.vocab_size]
-    ids = np.asarray(list(stop_token_ids), np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-        raise ValueError(f"stop token ids must lie in [0, {config.vocab_size}), got {ids.tolist()}")
-    padded = np.full((max(8, -(-ids.size // 8) * 8),), NO_TOKEN, np.int32)
-    padded[: ids.size] = ids
+        ids = [t for t in HUGINN_STOP_TOKEN_IDS if t < config.vocab_size]
+    else:
+        ids = validation.token_id_list("stop_token_ids", stop_token_ids, config.vocab_size)
+    padded = np.full((max(8, -(-len(ids) // 8) * 8),), NO_TOKEN, np.int32)
+    padded[: len(ids)] = ids
     return padded
 
 
-def check_key(key: Array | None, needs_randomness: bool, why: str) -> Array:
-    """The PRNG key to use; a key is required whenever something is drawn at random."""
-    if key is None:
-        if needs_randomness:
-            raise ValueError(f"{why} draws random numbers: pass a PRNG key (jax.random.key(seed))")
-        return jax.random.key(0)  # never consumed in a way that changes results
-    return key
+@flax.struct.dataclass
+class Stops:
+    """What ends a sequence: stop token ids [K] (padded with NO_TOKEN)."""
 
+    ids: Array
 
-def check_num_steps(num_steps: int, name: str = "num_steps") -> int:
-    if int(num_steps) != num_steps or num_steps < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {num_steps!r}")
-    return int(num_steps)
+    def hit(self, tokens: Array) -> Array:
+        """Whether each of tokens [...] is a stop token."""
+        return jnp.isin(tokens, self.ids)
 
 
 @dataclasses.dataclass(frozen=True)
-class StepResult:
-    """What running tokens through the model gives: the raw state, the latents, the coda output."""
+class Setup:
+    """A sampler call's validated inputs (host values), ready for its compiled program."""
 
-    state: Array  # [B, T, E] core output after the last step
-    latents: Array  # [B, T, E] ln_f(state), the reference's latent_states
-    hidden: Array  # [B, T, E] coda output, input of the head
+    prompts: np.ndarray  # [B, S] right-padded prompt ids
+    lengths: np.ndarray  # [B] prompt lengths
+    keys: Array  # [B] one PRNG key per row
+    stops: Stops
+    sampling: SamplingConfig
+    init_scale: float
+    max_new_tokens: int
 
-
-def run_tokens(params: dict, config: HuginnConfig, cache: KVCache, tokens: Array, positions: Array,
-               state: Array, num_steps: Array | int) -> tuple[StepResult, KVCache]:
-    """Runs tokens [B, T] at positions [B, T] from initial `state` through prelude, `num_steps`
-    core steps and coda, writing every layer's keys and values into the cache."""
-    embeds, cache = prelude(params, config, tokens, positions, cache)
-    state, cache = recur(params, config, state, embeds, positions, num_steps, cache)
-    hidden, cache = coda(params, config, state, positions, cache)
-    latents = rms_norm(state, params["ln_f"], config.norm_eps)
-    return StepResult(state=state, latents=latents, hidden=hidden), cache
+    @property
+    def batch(self) -> int:
+        return self.prompts.shape[0]
 
 
-def random_state(config: HuginnConfig, key: Array, positions: Array, init_scale: Array | float,
-                 dtype: Any) -> Array:
-    """Random initial states [B, T, E] for tokens at positions [B, T]. Each position draws from its
-    own key, folded from `key`, so a sequence's states do not depend on the batch it runs in."""
-    def one(position: Array) -> Array:
-        return initial_state(config, jax.random.fold_in(key, position), (config.n_embd,), init_scale, dtype)
+def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens: Any, init_scale: Any,
+          sampling: SamplingConfig, stop_token_ids: Sequence[int] | None, key: Any, random: bool,
+          random_why: str, headroom: int = 0) -> Setup:
+    """Checks the parameters, prompts and options every sampler takes; `random` says whether the
+    call draws random numbers (then a key is required; `random_why` names the options that do)."""
+    check_params(params, config)
+    max_new_tokens = validation.integer("max_new_tokens", max_new_tokens, minimum=1)
+    init_scale = validation.number("init_scale", init_scale, minimum=0.0)
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {sampling!r}")
+    sampling = sampling.validate()
+    prompts, lengths = pack_prompts(input_ids, config)
+    check_room(lengths, max_new_tokens, config, headroom)
+    stops = Stops(jnp.asarray(stop_token_array(stop_token_ids, config)))
+    if key is None:
+        if random or init_scale != 0:
+            raise ValueError(f"{random_why if random else 'init_scale > 0'} draws random numbers: pass a PRNG key "
+                             "(key=jax.random.key(seed))")
+        key = jax.random.key(0)  # never consumed in a way that changes results
+    keys = validation.prng_keys(key, prompts.shape[0])
+    return Setup(prompts, lengths, keys, stops, sampling, init_scale, max_new_tokens)
 
-    return jax.vmap(jax.vmap(one))(positions)
+
+def make_cache(config: HuginnConfig, params: dict, batch: int, strategy: str, max_steps: int,
+               capacity: int) -> KVCache:
+    """A zeroed cache of `capacity` positions for `strategy` with room for `max_steps` core steps."""
+    check_strategy(strategy)
+    layout = CacheLayout.create(config, strategy, max(max_steps, 1))
+    return KVCache.create(config, layout, batch, min(capacity, config.block_size), params["wte"].dtype)
 
 
-def seen_tokens(prompts: Array, lengths: Array, vocab_size: int) -> Array:
-    """[B, V] bool: which ids occur in each prompt (for the repetition penalty)."""
-    batch, width = prompts.shape
+# ---------------------------------------------------------------- randomness and token choice
+
+def row_keys(keys: Array, purpose: int, *indices: Array) -> Array:
+    """keys [B] folded with a purpose and per-row indices ([B] each, e.g. step and position)."""
+    def fold(key: Array, *ix: Array) -> Array:
+        key = jax.random.fold_in(key, purpose)
+        for i in ix:
+            key = jax.random.fold_in(key, i)
+        return key
+
+    return jax.vmap(fold)(keys, *indices)
+
+
+def random_state(config: HuginnConfig, keys: Array, positions: Array, init_scale: Array | float, dtype: Any,
+                 purpose: int = INIT_STATE, *indices: Array) -> Array:
+    """Random initial states [B, T, E] for tokens at positions [B, T]: each (row, position) draws
+    from its row's key folded with the purpose, the extra per-row `indices` and the position."""
+    def one_row(key: Array, row_positions: Array, *ix: Array) -> Array:
+        key = jax.random.fold_in(key, purpose)
+        for i in ix:
+            key = jax.random.fold_in(key, i)
+        return jax.vmap(lambda p: initial_state(config, jax.random.fold_in(key, p), (config.n_embd,),
+                                                init_scale, dtype))(row_positions)
+
+    return jax.vmap(one_row)(keys, positions, *indices)
+
+
+def choose_tokens(keys: Array, logits: Array, seen: Array, sampling: SamplingConfig) -> Array:
+    """One token per row [B] from logits [B, V] with one key per row [B]."""
+    return jax.vmap(lambda k, lg, sn: next_token(k, lg[None], sn[None], sampling)[0])(keys, logits, seen)
+
+
+def seen_tokens(tokens: Array, lengths: Array, vocab_size: int) -> Array:
+    """[B, V] bool: which ids occur in the first lengths[b] tokens of each row (repetition penalty)."""
+    batch, width = tokens.shape
     real = jnp.arange(width)[None, :] < lengths[:, None]
     seen = jnp.zeros((batch, vocab_size), bool)
-    return seen.at[jnp.arange(batch)[:, None], prompts].max(real)
+    return seen.at[jnp.arange(batch)[:, None], tokens].max(real)
 
 
-def stream(callback: StreamCallback | None, tokens: Array, active: Array) -> None:
-    """Hands one step's tokens to the host callback, in order, if there is one."""
-    if callback is not None:
-        io_callback(lambda t, a: callback(np.asarray(t), np.asarray(a)), None, tokens, active,
-                                     ordered=True)
+def keep_rows(active: Array, new: Any, old: Any) -> Any:
+    """Tree `new` where active [B], else `old` (leaves with a leading batch axis)."""
+    return jax.tree.map(lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
+
+# ---------------------------------------------------------------- prefill
+
+@flax.struct.dataclass
+class Prefilled:
+    """The prompt after the prefill."""
+
+    block: BlockOutput  # states, latents and coda output of every prompt position
+    logits: Array  # [B, V] float32: the distribution of each row's first new token
+    latents: Array  # [B, E] latents of the last prompt token (continuous compute starts here)
+    state: Array  # [B, E] raw state of the last prompt token
+
+
+def prefill(params: dict, config: HuginnConfig, cache: KVCache, prompts: Array, lengths: Array, keys: Array,
+            init_scale: Array, recurrence: Recurrence) -> tuple[Prefilled, KVCache]:
+    """Runs the prompts [B, S] (lengths [B]) from their random initial states under `recurrence`,
+    writing the cache; the cache reads only the prompt's positions meanwhile."""
+    batch, width = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
+    state = random_state(config, keys, positions, init_scale, params["wte"].dtype)
+    block, cache = run_block(params, config, prompts, positions, state, recurrence, cache.view(width),
+                             lengths=lengths)
+    rows = jnp.arange(batch)
+    last = lengths - 1
+    return Prefilled(block=block, logits=lm_head(params, config, block.hidden[rows, last]),
+                     latents=block.latents[rows, last], state=block.state[rows, last]), cache.view(None)
+
+
+# ---------------------------------------------------------------- output
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
-    """Generated tokens of a batch with per-token statistics (host arrays)."""
+    """What every sampler returns (host arrays).
 
-    tokens: np.ndarray  # [B, max_new_tokens] int32; NO_TOKEN after a sequence has stopped
-    lengths: np.ndarray  # [B] generated tokens per sequence, a stop token included
-    recurrence_steps: np.ndarray  # [B, max_new_tokens] core steps spent on each token, 0 past the end
-    # [B, max_new_tokens, num_steps] float32, when the adaptive sampler records them: the exit
-    # criterion's value after each core step of each token; NaN where it was not checked.
+    tokens [B, N] int32 (NO_TOKEN after a sequence has stopped), lengths [B] (generated tokens, a
+    stop token included), recurrence_steps [B, N] (core steps each token received, 0 past the end).
+    stats: per-sequence statistics ([B] arrays or lists), for every sampler
+      - `sequential_core_steps`: core steps on the critical path to the last token (static AR:
+        num_steps per token; diffusion: the prefill's plus inner_recurrence per sampler step);
+        on a GPU or TPU, where a step costs about the same for 1 or 100 positions, these set the
+        speed;
+      - `core_position_steps`: core steps summed over every position computed (prefill included),
+        the arithmetic, which sets the speed on a CPU;
+    and the sampler's own (the reference's names where it has them).
+    exit_values [B, N, W]: the adaptive sampler's criterion after every step (`record_exit_values`).
+    tablets: the diffusion sampler's analysis tablets (`return_analysis_tablets`).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    recurrence_steps: np.ndarray
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     exit_values: np.ndarray | None = None
+    tablets: dict[str, np.ndarray] | None = None
 
     def sequences(self) -> list[list[int]]:
         """The generated ids of each sequence, without the fill."""

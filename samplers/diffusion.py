@@ -40,15 +40,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
+from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import SHARED, CacheLayout, KVCache, check_strategy
-from huginn_jax.layers import rope_angles
-from huginn_jax.model import core_step, decode_latents, injection, lm_logits, prelude
-from samplers.common import (NO_TOKEN, GenerateOutput, check_key, check_num_steps, pack_prompts, random_state,
-                             run_tokens, seen_tokens, stop_token_array)
-from samplers.sampling import GREEDY, SamplingConfig, next_token
+from huginn_jax.kv_cache import SHARED, KVCache
+from huginn_jax.model import embed_inputs, iterate, lm_head, predict_from_latents
+from huginn_jax.recurrence import FixedDepth
+from samplers import streaming
+from samplers.common import (CHOOSE, DRAFT, FILLER, NEW_STATE, NO_TOKEN, GenerateOutput, Stops, choose_tokens,
+                             make_cache, prefill, random_state, row_keys, seen_tokens, setup)
+from samplers.sampling import GREEDY, SamplingConfig
 
 Array = jax.Array
 
@@ -68,23 +69,6 @@ ORDINARY_IDS = 65504  # Huginn's special tokens start at <|begin_text|> = 65504
 
 STAT_NAMES = ("num_core_forward_passes", "num_tokens_forward", "num_cache_clears", "num_standing_waves",
               "diffusion_steps", "gen_seq_length", "len_prefill")
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionOutput(GenerateOutput):
-    """Generated tokens plus the reference's statistics, per sequence.
-
-    stats: the scalar statistics of `STAT_NAMES` ([B] each), and `recurrence_per_position`,
-    `token_stable_per_position` (lists over the prompt and all frozen tokens of each sequence).
-    tablets: with `return_analysis_tablets`, per sequence the per-step arrays `token_tablet`,
-    `frozen_tablet`, `counter_tablet`, `stability_tablet` [steps, positions] (as the reference) and
-    `criterion_tablet`: the latent freeze strategies' criterion at each position the step judged
-    (NaN elsewhere, and throughout for "token-stability" and "fixed", whose rules read the
-    stability and counter tablets).
-    """
-
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    tablets: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +128,7 @@ def generate_diffusion_style(
         cache_lookup_strategy: str = SHARED, init_scale: float = 1.0, max_diffusion_steps: int = 4096,
         return_analysis_tablets: bool | int = False, reference_compatible: bool = False,
         sampling: SamplingConfig = GREEDY, stop_token_ids: Sequence[int] | None = None, key: Array | None = None,
-        streamer: Any = None) -> DiffusionOutput:
+        streamer: streaming.Streamer | None = None) -> GenerateOutput:
     """Generates with the diffusion forcing sampler; options and defaults are the reference's
     (see `PRESETS` for the paper's settings, which differ: no noise in its main row).
 
@@ -165,60 +149,63 @@ def generate_diffusion_style(
         stability for every position (plots like the paper's Fig. 4): True records the first
         2 (max_new_tokens + headway) steps, as the reference; a number records that many.
     reference_compatible: the reference's stop-token check, headway filler and overrun (see module).
+
+    stats: the reference's scalar statistics (`STAT_NAMES`, [B] each), `recurrence_per_position`
+    and `token_stable_per_position` (lists over the prompt and all frozen tokens of each sequence),
+    and the core-step counts every sampler reports. tablets (with `return_analysis_tablets`): per
+    sequence the per-step arrays `token_tablet`, `frozen_tablet`, `counter_tablet`,
+    `stability_tablet` [steps, positions] (as the reference) and `criterion_tablet`: the latent
+    freeze rules' criterion at each position the step judged (NaN elsewhere, and throughout for
+    "token-stability" and "fixed", whose rules read the stability and counter tablets).
     """
-    num_steps = check_num_steps(config.mean_recurrence if num_steps is None else num_steps)
-    check_strategy(cache_lookup_strategy)
-    sampling = sampling.validate()
-    problems = []
-    if freeze_strategy not in FREEZE_STRATEGIES:
-        problems.append(f"unknown freeze_strategy {freeze_strategy!r}; choose one of {list(FREEZE_STRATEGIES)}")
-    if int(inner_recurrence) != inner_recurrence or inner_recurrence < 1:
-        problems.append(f"inner_recurrence must be an integer >= 1, got {inner_recurrence!r}")
-    if int(headway) != headway or headway < 1:
-        problems.append(f"headway must be an integer >= 1, got {headway!r}")
-    if int(max_wavefront) != max_wavefront or max_wavefront < max(headway, 1) + 1:
-        problems.append(f"max_wavefront must be an integer > headway={headway} (the wavefront keeps the last "
-                        f"frozen position and appends headway new ones), got {max_wavefront!r}")
-    if not 0 <= state_noise_mixing <= 1:
-        problems.append(f"state_noise_mixing must lie in [0, 1], got {state_noise_mixing}")
-    if not 0 <= ema_embeds < 1:
-        problems.append(f"ema_embeds must lie in [0, 1), got {ema_embeds}")
-    if max_diffusion_steps < 0:
-        problems.append(f"max_diffusion_steps must not be negative, got {max_diffusion_steps}")
-    if max_new_tokens < 1:
-        problems.append(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if problems:
-        raise ValueError("generate_diffusion_style: " + "; ".join(problems))
-    prompts, lengths = pack_prompts(input_ids, config)
-    longest = int(lengths.max())
+    v = validation
+    num_steps = v.integer("num_steps", config.mean_recurrence if num_steps is None else num_steps, minimum=0)
+    freeze_strategy = v.choice("freeze_strategy", freeze_strategy, FREEZE_STRATEGIES)
+    inner_recurrence = v.integer("inner_recurrence", inner_recurrence, minimum=1)
+    headway = v.integer("headway", headway, minimum=1)
+    max_wavefront = v.integer("max_wavefront", max_wavefront)
+    if max_wavefront <= headway:
+        raise ValueError(f"max_wavefront must be > headway={headway} (the wavefront keeps the last frozen position "
+                         f"and appends headway new ones), got {max_wavefront}")
+    state_noise_mixing = v.number("state_noise_mixing", state_noise_mixing, 0.0, 1.0)
+    ema_embeds = v.number("ema_embeds", ema_embeds, minimum=0.0, below=1.0)
+    exit_t = v.number("exit_t", exit_t, above=0.0)
+    max_diffusion_steps = v.integer("max_diffusion_steps", max_diffusion_steps, minimum=0)
+    flags = {name: v.boolean(name, value) for name, value in (
+        ("dampened_state_mixer", dampened_state_mixer), ("sqrt_mixer", sqrt_mixer),
+        ("continuous_compute", continuous_compute), ("full_prefill", full_prefill),
+        ("reference_compatible", reference_compatible))}
+    run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
+                stop_token_ids=stop_token_ids, key=key, random=sampling.do_sample or headway > 1,
+                random_why="do_sample=True or headway > 1")
+    longest = int(run.lengths.max())
     if not full_prefill and longest > max_wavefront:
         raise ValueError(f"without full_prefill the prompt joins the wavefront: a prompt of {longest} tokens needs "
                          f"max_wavefront >= {longest} (got {max_wavefront}); use full_prefill=True")
-    needed = longest + max_new_tokens + max_wavefront + headway
+    needed = longest + run.max_new_tokens + max_wavefront + headway
     if needed > config.block_size:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} and a wavefront of "
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={run.max_new_tokens} and a wavefront of "
                          f"max_wavefront={max_wavefront} + headway={headway} positions needs {needed} positions, "
                          f"more than the context of {config.block_size}")
-    needs_random = init_scale != 0 or sampling.do_sample or headway > 1
-    key = check_key(key, needs_random, "init_scale > 0, do_sample=True or headway > 1")
-    stops = stop_token_array(stop_token_ids, config)
 
-    capacity = prompts.shape[1] + max_new_tokens + max_wavefront + headway
-    layout = CacheLayout.create(config, cache_lookup_strategy, max(num_steps, inner_recurrence, 1))
-    cache = KVCache.create(config, layout, prompts.shape[0], capacity, params["wte"].dtype)
-    plan = Plan(headway=int(headway), ring=int(max_wavefront), windows=window_widths(int(max_wavefront)),
-                full_prefill=bool(full_prefill), max_new_tokens=int(max_new_tokens),
-                tablet_rows=tablet_rows(return_analysis_tablets, max_new_tokens, headway))
+    capacity = run.prompts.shape[1] + run.max_new_tokens + max_wavefront + headway
+    cache = make_cache(config, params, run.batch, cache_lookup_strategy, max(num_steps, inner_recurrence), capacity)
+    plan = Plan(headway=headway, ring=max_wavefront, windows=window_widths(max_wavefront),
+                full_prefill=flags["full_prefill"], max_new_tokens=run.max_new_tokens,
+                tablet_rows=tablet_rows(return_analysis_tablets, run.max_new_tokens, headway))
     values = dict(num_steps=jnp.int32(num_steps), inner_recurrence=jnp.int32(inner_recurrence),
                   freeze=jnp.int32(FREEZE_STRATEGIES.index(freeze_strategy)), exit_t=jnp.float32(exit_t),
                   ema=jnp.float32(ema_embeds), ema_keep=jnp.float32(1 - ema_embeds),
-                  noise=jnp.float32(state_noise_mixing), dampened=jnp.bool_(dampened_state_mixer),
-                  sqrt_mixer=jnp.bool_(sqrt_mixer), continuous=jnp.bool_(continuous_compute),
-                  compatible=jnp.bool_(reference_compatible), init_scale=jnp.float32(init_scale),
+                  noise=jnp.float32(state_noise_mixing), dampened=jnp.bool_(flags["dampened_state_mixer"]),
+                  sqrt_mixer=jnp.bool_(flags["sqrt_mixer"]), continuous=jnp.bool_(flags["continuous_compute"]),
+                  compatible=jnp.bool_(flags["reference_compatible"]), init_scale=jnp.float32(run.init_scale),
                   max_diffusion_steps=jnp.int32(max_diffusion_steps))
-    wave, _ = _generate(params, cache, prompts, lengths, values, sampling, stops, key, config=config, plan=plan,
-                        streamer=streamer)
-    return diffusion_output(jax.device_get(wave), lengths, plan, bool(reference_compatible))
+    with streaming.session(streamer) as number:
+        wave, _, _ = _generate(params, cache, jnp.asarray(run.prompts), jnp.asarray(run.lengths), values,
+                               run.sampling, run.stops, run.keys, number, config=config, plan=plan,
+                               stream=streamer is not None)
+        wave = jax.device_get(wave)
+    return diffusion_output(wave, run.lengths, plan, flags["reference_compatible"], num_steps)
 
 
 WINDOW_WIDTHS = tuple(sorted({4, 8, 12} | {2 ** k for k in range(4, 13)} | {3 * 2 ** k for k in range(3, 12)}))
@@ -245,7 +232,8 @@ def window_widths(ring: int) -> tuple[int, ...]:
     return tuple(w for w in WINDOW_WIDTHS if w < ring) + (ring,)
 
 
-def diffusion_output(wave: Wave, lengths: np.ndarray, plan: Plan, reference_compatible: bool) -> DiffusionOutput:
+def diffusion_output(wave: Wave, lengths: np.ndarray, plan: Plan, reference_compatible: bool,
+                     num_steps: int) -> GenerateOutput:
     """Host-side output record: generated tokens, per-token recurrence, statistics, tablets."""
     batch = lengths.shape[0]
     n_frozen = np.asarray(wave.n_frozen)
@@ -264,6 +252,10 @@ def diffusion_output(wave: Wave, lengths: np.ndarray, plan: Plan, reference_comp
         "num_cache_clears": np.asarray(wave.cache_clears), "num_standing_waves": np.asarray(wave.standing_waves),
         "diffusion_steps": np.asarray(wave.step), "gen_seq_length": np.asarray(wave.n_cur),
         "len_prefill": np.asarray(lengths),
+        # the prefill (num_steps on every prompt position), then inner_recurrence steps per sampler step
+        "sequential_core_steps": num_steps * plan.full_prefill + np.asarray(wave.core_passes) - plan.full_prefill,
+        "core_position_steps": (num_steps * np.asarray(lengths) + np.asarray(wave.tokens_forward) - np.asarray(lengths)
+                                if plan.full_prefill else np.asarray(wave.tokens_forward)),
         "recurrence_per_position": [wave.counter[b, : n_frozen[b]].tolist() for b in range(batch)],
         "token_stable_per_position": [wave.stable[b, : n_frozen[b]].tolist() for b in range(batch)],
     }
@@ -272,7 +264,7 @@ def diffusion_output(wave: Wave, lengths: np.ndarray, plan: Plan, reference_comp
         tablets = {name: np.asarray(wave.tablets[i]) for i, name in
                    enumerate(("token_tablet", "frozen_tablet", "counter_tablet", "stability_tablet"))}
         tablets["criterion_tablet"] = np.asarray(wave.criterion_tablet)
-    return DiffusionOutput(tokens=tokens, lengths=generated.astype(np.int64), recurrence_steps=steps, stats=stats,
+    return GenerateOutput(tokens=tokens, lengths=generated.astype(np.int64), recurrence_steps=steps, stats=stats,
                            tablets=tablets)
 
 
@@ -302,36 +294,34 @@ def relative_change(a: Array, b: Array) -> Array:
     return norm(a - b) / norm(a)
 
 
-def fresh_states(config: HuginnConfig, keys: Array, positions: Array, init_scale: Array, dtype: Any) -> Array:
-    """Random states [B, W, E] at positions [B, W], from one key per sequence ([B] keys)."""
-    return jax.vmap(lambda k, p: random_state(config, k, p[None], init_scale, dtype)[0])(keys, positions)
-
-
 def last_true(mask: Array) -> tuple[Array, Array]:
     """(whether any entry of each row of mask [B, W] holds, the index of the last that does)."""
     index = jnp.arange(mask.shape[1])
     return jnp.any(mask, axis=1), jnp.max(jnp.where(mask, index, -1), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "streamer"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "stream"), donate_argnames=("cache",))
 def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, values: dict[str, Array],
-              sampling: SamplingConfig, stop_ids: Array, key: Array, *, config: HuginnConfig, plan: Plan,
-              streamer: Any) -> tuple[Wave, KVCache]:
-    wave, cache = start_wave(params, config, plan, cache, prompts, lengths, values, sampling, key)
-    stream_frozen(streamer, wave.seq, lengths, wave.n_frozen, jnp.ones_like(wave.done))  # the prefill's token
-    branches = [functools.partial(sampler_step, params, config, plan, width, values, sampling, stop_ids, key, streamer)
+              sampling: SamplingConfig, stops: Stops, keys: Array, stream_number: Array, *, config: HuginnConfig,
+              plan: Plan, stream: bool) -> tuple[Wave, KVCache, Array]:
+    wave, cache = start_wave(params, config, plan, cache, prompts, lengths, values, sampling, keys)
+    emit = functools.partial(stream_frozen, stream, stream_number, plan.ring)
+    aborted = emit(wave.seq, lengths, wave.n_frozen, jnp.ones_like(wave.done))  # the prefill's token
+    branches = [functools.partial(sampler_step, params, config, plan, width, values, sampling, stops, keys, emit)
                 for width in plan.windows]
 
-    def one_step(carry: tuple[Wave, KVCache]) -> tuple[Wave, KVCache]:
-        wave, cache = carry
+    def one_step(carry: tuple[Wave, KVCache, Array]) -> tuple[Wave, KVCache, Array]:
+        wave, cache, aborted = carry
         widest = jnp.max(jnp.where(wave.done, 1, wave.width))
-        return jax.lax.switch(jnp.searchsorted(jnp.asarray(plan.windows), widest), branches, wave, cache)
+        wave, cache, raised = jax.lax.switch(jnp.searchsorted(jnp.asarray(plan.windows), widest), branches, wave,
+                                             cache)
+        return wave, cache, aborted | raised
 
-    return jax.lax.while_loop(lambda carry: jnp.any(~carry[0].done), one_step, (wave, cache))
+    return jax.lax.while_loop(lambda carry: jnp.any(~carry[0].done) & ~carry[2], one_step, (wave, cache, aborted))
 
 
 def start_wave(params: dict, config: HuginnConfig, plan: Plan, cache: KVCache, prompts: Array, lengths: Array,
-               values: dict[str, Array], sampling: SamplingConfig, key: Array) -> tuple[Wave, KVCache]:
+               values: dict[str, Array], sampling: SamplingConfig, keys: Array) -> tuple[Wave, KVCache]:
     """The sampler state before the first step: prefilled (or not) prompt, first wavefront."""
     batch, prompt_width = prompts.shape
     ring, width_e = plan.ring, config.n_embd
@@ -342,16 +332,11 @@ def start_wave(params: dict, config: HuginnConfig, plan: Plan, cache: KVCache, p
     seq = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_width].set(prompts)
     zeros = jnp.zeros((batch, ring, width_e), dtype)
     counter = jnp.zeros((batch, capacity), jnp.int32)
-    init_key = jax.random.fold_in(key, 0)
     if plan.full_prefill:
-        prompt_positions = jnp.broadcast_to(jnp.arange(prompt_width), (batch, prompt_width))
-        state = random_state(config, init_key, prompt_positions, values["init_scale"], dtype)
-        result, cache = run_tokens(params, config, cache.view(prompt_width), prompts, prompt_positions, state,
-                                   values["num_steps"])
-        cache = cache.view(None)
-        logits = lm_logits(params, config, result.hidden[rows, lengths - 1])
-        first = jax.vmap(lambda lg, sn: next_token(jax.random.fold_in(key, 1), lg[None], sn[None], sampling)[0])(
-            logits, seen_tokens(prompts, lengths, config.vocab_size))
+        prompt, cache = prefill(params, config, cache, prompts, lengths, keys, values["init_scale"],
+                                FixedDepth(values["num_steps"]))
+        first = choose_tokens(row_keys(keys, CHOOSE, lengths), prompt.logits,
+                              seen_tokens(prompts, lengths, config.vocab_size), sampling)
         seq = seq.at[rows, lengths].set(first)
         n_frozen = lengths + 1
         start, width = lengths, jnp.ones_like(lengths)
@@ -365,11 +350,11 @@ def start_wave(params: dict, config: HuginnConfig, plan: Plan, cache: KVCache, p
         core_passes, tokens_forward = jnp.zeros_like(lengths), jnp.zeros_like(lengths)
     window = start[:, None] + jnp.arange(ring)[None, :]
     in_window = jnp.arange(ring)[None, :] < width[:, None]
-    states = ring_write(zeros, window, random_state(config, jax.random.fold_in(key, 2), window,
-                                                    values["init_scale"], dtype), in_window)
+    states = ring_write(zeros, window, random_state(config, keys, window, values["init_scale"], dtype, NEW_STATE),
+                        in_window)
     # The first wavefront's EMA reference: the reference's prelude over the whole sequence.
-    new, cache = prelude(params, config, gather(seq, window), jnp.where(in_window, window, capacity), cache)
-    embeds = ring_write(zeros, window, new, in_window)
+    block, cache = embed_inputs(params, config, gather(seq, window), window, cache, writes=in_window)
+    embeds = ring_write(zeros, window, block.embeds, in_window)
     tablets = jnp.zeros((4, batch, plan.tablet_rows, capacity), jnp.int32)
     zero = jnp.zeros_like(lengths)
     wave = Wave(seq=seq, prompt_len=lengths, n_frozen=n_frozen, n_cur=n_frozen, start=start, width=width,
@@ -383,8 +368,8 @@ def start_wave(params: dict, config: HuginnConfig, plan: Plan, cache: KVCache, p
 
 
 def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, values: dict[str, Array],
-                 sampling: SamplingConfig, stop_ids: Array, key: Array, streamer: DiffusionStreamCallback | None,
-                 wave: Wave, cache: KVCache) -> tuple[Wave, KVCache]:
+                 sampling: SamplingConfig, stops: Stops, keys: Array, emit: Any, wave: Wave,
+                 cache: KVCache) -> tuple[Wave, KVCache, Array]:
     """One sampler step of every running sequence, on a window of `window` positions (static)."""
     batch = wave.start.shape[0]
     ring, headway, capacity = plan.ring, plan.headway, cache.capacity
@@ -397,10 +382,11 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     in_window = (index < width[:, None]) & active[:, None]
     write_at = jnp.where(in_window, positions, capacity)  # positions outside the wavefront write nothing
     # Per-sequence randomness depends on (key, step) only, so a sequence samples the same alone or batched.
-    step_keys = jax.vmap(lambda s: jax.random.split(jax.random.fold_in(key, s + 3), 4))(wave.step)
+    step_keys = jax.vmap(lambda k, s: jax.random.split(jax.random.fold_in(k, s + 3), 4))(keys, wave.step)
 
     # Prelude over the wavefront's tokens, with momentum on the embeddings already seen.
-    new_embeds, cache = prelude(params, config, gather(wave.seq, positions), write_at, cache)
+    block, cache = embed_inputs(params, config, gather(wave.seq, positions), positions, cache, writes=in_window)
+    new_embeds = block.embeds
     had = (positions < wave.embeds_end[:, None])[..., None]
     old = ring_read(wave.embeds, positions)
     embeds = new_embeds * values["ema_keep"].astype(dtype) + jnp.where(had, old * values["ema"].astype(dtype), 0)
@@ -411,23 +397,24 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     state = ring_read(wave.states, positions)
     counts = gather(wave.counter, positions)
     # With state_noise_mixing = 0 both mixers leave the state exactly as it is.
-    noise = fresh_states(config, step_keys[:, 0], positions, values["init_scale"], dtype)
+    noise = random_state(config, step_keys[:, 0], positions, values["init_scale"], dtype)
     beta = jnp.where(values["dampened"], values["noise"] / (1.0 + counts), values["noise"])[..., None].astype(dtype)
     state = jnp.where(values["sqrt_mixer"], state * jnp.sqrt(jax.nn.relu(1 - beta)) + jnp.sqrt(beta) * noise,
                       state * (1 - beta) + beta * noise)
-    rope = rope_angles(positions, config.head_dim, config.rope_base)
-    injected = injection(params, config, embeds)
-    state, cache = jax.lax.fori_loop(
-        0, values["inner_recurrence"],
-        lambda u, c: core_step(params, config, c[0], injected, write_at, rope, u, c[1]), (state, cache))
+    block = block.replace(embeds=embeds)
+    recurred, cache = iterate(params, config, block, state, FixedDepth(values["inner_recurrence"]), cache)
+    state = recurred.state
     r_inner = values["inner_recurrence"]
     counter = wave.counter.at[rows[:, None], write_at].add(r_inner, mode="drop")
 
     # Drafts: window index i drafts the token of position start + i + 1.
-    logits, cache = decode_latents(params, config, state, write_at, cache)
+    hidden, cache = predict_from_latents(params, config, state, block.where, cache)
+    logits = lm_head(params, config, hidden)
     seen = seen_tokens(wave.seq, n_frozen, config.vocab_size)
-    drafts = jax.vmap(lambda k, lg, sn: next_token(k, lg, jnp.broadcast_to(sn, lg.shape), sampling))(
-        step_keys[:, 1], logits, seen)
+    # one key per (row, step, position): a draft never depends on the window's width or the batch
+    draft_keys = jax.vmap(lambda k, p: row_keys(jnp.broadcast_to(k, p.shape), DRAFT, p))(step_keys[:, 1], positions)
+    drafts = jax.vmap(lambda ks, lg, sn: choose_tokens(ks, lg, jnp.broadcast_to(sn, lg.shape), sampling))(
+        draft_keys, logits, seen)
     offset = jnp.maximum(n_frozen - 1 - start, 0)
     seq_pos = jnp.arange(capacity)[None, :]
     draft_index = seq_pos - start[:, None] - 1
@@ -439,13 +426,16 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     n_cur = start + width + headway
     filler_ids = jnp.where(values["compatible"], min(REFERENCE_FILLER_IDS, config.vocab_size),
                            min(ORDINARY_IDS, config.vocab_size))
-    filler = jax.vmap(lambda k: jax.random.randint(k, (capacity,), 0, filler_ids, jnp.int32))(step_keys[:, 2])
+    filler_at = (start + width + 1)[:, None] + jnp.arange(max(headway - 1, 1))[None, :]  # [B, headway - 1]
+    filler_keys = jax.vmap(lambda k, p: row_keys(jnp.broadcast_to(k, p.shape), FILLER, p))(step_keys[:, 2], filler_at)
+    filler_values = jax.vmap(jax.vmap(lambda k: jax.random.randint(k, (), 0, filler_ids, jnp.int32)))(filler_keys)
+    filler = jnp.zeros_like(wave.seq).at[rows[:, None], filler_at].set(filler_values, mode="drop")
     is_filler = (seq_pos > (start + width)[:, None]) & (seq_pos < n_cur[:, None])
     seq = jnp.where(is_draft & ~given, draft_at, jnp.where(is_filler, filler, wave.seq))
 
     # Append headway new positions (fresh states, or copies of the rightmost ones), capped.
     appended = jnp.arange(headway)[None, :]
-    new_states = fresh_states(config, step_keys[:, 3], (start + width)[:, None] + appended, values["init_scale"],
+    new_states = random_state(config, step_keys[:, 3], (start + width)[:, None] + appended, values["init_scale"],
                               dtype)
     copied = jnp.take_along_axis(state, jnp.clip(width[:, None] - headway + appended, 0, window - 1)[..., None],
                                  axis=1)
@@ -520,7 +510,7 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     new_start, new_width = start + moved, grown - moved
 
     # Stops: the reference's check (after num_steps steps, among this step's freezes), or ours.
-    stops_at = jnp.isin(seq, stop_ids)
+    stops_at = stops.hit(seq)
     latent = values["freeze"] <= FREEZE_STRATEGIES.index("latent-acceleration-2")
     reference_span = jnp.where(latent, (seq_pos >= wave.old_k[:, None]) & (seq_pos < k[:, None]),
                                (seq_pos >= (new_frozen - headway)[:, None]) & (seq_pos < new_frozen[:, None]))
@@ -536,7 +526,7 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
     new_frozen = jnp.where(~values["compatible"] & stop, jnp.argmax(stop_here, axis=1) + 1, new_frozen)
     finished = stop | (wave.step > values["max_diffusion_steps"])
     end = jnp.where(values["compatible"], new_frozen, jnp.minimum(new_frozen, wave.prompt_len + plan.max_new_tokens))
-    stream_frozen(streamer, seq, jnp.maximum(n_frozen, wave.prompt_len), end, active)
+    raised = emit(seq, jnp.maximum(n_frozen, wave.prompt_len), end, active)
 
     tablets, criterion_tablet = wave.tablets, wave.criterion_tablet
     if plan.tablet_rows:
@@ -561,20 +551,15 @@ def sampler_step(params: dict, config: HuginnConfig, plan: Plan, window: int, va
         criterion_tablet=criterion_tablet)
     keep = jax.tree.map(lambda a: active.reshape((-1,) + (1,) * (a.ndim - 1)) if a.ndim else active, new)
     keep = keep.replace(tablets=active[None, :, None, None])
-    return jax.tree.map(jnp.where, keep, new, wave), cache
+    return jax.tree.map(jnp.where, keep, new, wave), cache, raised
 
 
-DiffusionStreamCallback = Any
-"""Called once per sampler step with the newly frozen tokens of each sequence (a list of lists)."""
-
-
-def stream_frozen(callback: DiffusionStreamCallback | None, seq: Array, before: Array, after: Array,
-                  active: Array) -> None:
-    """Hands each sequence's newly frozen tokens seq[before:after] to the host callback."""
-    if callback is None:
-        return
-
-    def host(seq: np.ndarray, before: np.ndarray, after: np.ndarray, active: np.ndarray) -> None:
-        callback([seq[b, before[b]: after[b]].tolist() if active[b] else [] for b in range(seq.shape[0])])
-
-    io_callback(host, None, seq, before, after, active, ordered=True)
+def stream_frozen(enabled: bool, stream_number: Array, most: int, seq: Array, before: Array, after: Array,
+                  active: Array) -> Array:
+    """Hands each sequence's newly frozen tokens seq[before:after] (at most `most`) to the streamer;
+    True once it has raised."""
+    if not enabled:
+        return jnp.bool_(False)
+    window = jnp.take_along_axis(seq, jnp.clip(before[:, None] + jnp.arange(most)[None, :], 0, seq.shape[1] - 1),
+                                 axis=1)
+    return streaming.emit(True, stream_number, window, jnp.where(active, jnp.clip(after - before, 0, most), 0))

@@ -82,8 +82,8 @@ def test_stop_tokens_end_each_sequence(reference):
 
 @pytest.mark.parametrize("options, message", [
     (dict(criterion="entropy"), "unknown exit criterion 'entropy'"),
-    (dict(check_criterion_every_n_steps=0), "check_criterion_every_n_steps must be a positive integer"),
-    (dict(min_steps=-1), "min_steps must be a non-negative integer"),
+    (dict(check_criterion_every_n_steps=0), "check_criterion_every_n_steps must be >= 1"),
+    (dict(min_steps=-1), "min_steps must be >= 0"),
     (dict(cache_lookup_strategy="latest"), "unknown cache_lookup_strategy"),
 ])
 def test_invalid_options_are_named(reference, options, message):

@@ -7,6 +7,7 @@ import pytest
 from experiments.reference_check import run_case
 from samplers import SamplingConfig, generate, generate_minimal, generate_speculative
 from samplers.common import NO_TOKEN
+from samplers.streaming import collect
 from tests.conftest import reference_cases, unequal_prompts
 
 SPECULATIVE_CASES = reference_cases("generate", "spec_")
@@ -82,14 +83,9 @@ def test_stop_tokens_end_each_sequence_at_its_first_stop(reference):
 
 def test_streaming_callback_sees_every_token_in_order(reference):
     prompts = unequal_prompts(reference)
-    seen = []
+    streamer, streamed = collect()
     out = generate_speculative(reference.params, prompts, config=reference.config, draft_steps=2,
-                               lookahead_for_draft=3, streamer=lambda t, n: seen.append((t, n)), **OPTIONS)
-    streamed = [[] for _ in prompts]
-    for tokens, count in seen:
-        for row in range(len(prompts)):
-            streamed[row] += tokens[row, : count[row]].tolist()
-            assert (tokens[row, count[row]:] == NO_TOKEN).all()
+                               lookahead_for_draft=3, streamer=streamer, **OPTIONS)
     assert streamed == out.sequences()
 
 
@@ -112,10 +108,10 @@ def test_dispatcher_runs_it_on_its_option_names(reference):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(draft_steps=-1), "draft_steps must be a non-negative integer"),
-    (dict(lookahead_for_draft=0), "lookahead_for_draft must be an integer >= 1"),
-    (dict(verification_threshold=0.0), "verification_threshold must be positive"),
-    (dict(num_steps=2.5), "num_steps must be a non-negative integer"),
+    (dict(draft_steps=0), "draft_steps must be >= 1"),
+    (dict(lookahead_for_draft=0), "lookahead_for_draft must be >= 1"),
+    (dict(verification_threshold=0.0), "verification_threshold must be > 0"),
+    (dict(num_steps=2.5), "num_steps must be an integer, got 2.5"),
     (dict(cache_lookup_strategy="latest"), "unknown cache_lookup_strategy"),
 ])
 def test_invalid_options_are_named(reference, options, message):
