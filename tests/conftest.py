@@ -29,6 +29,15 @@ def reference() -> Fixture:
     return load_fixture(FIXTURE_DIR)
 
 
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """A small random Huginn model with the real Huginn-0125 tokenizer (65536 ids) in Hugging Face
+    layout: config.json, model.safetensors and the tokenizer files (see tests/text_model.py)."""
+    from tests.text_model import write_text_model
+
+    return write_text_model(tmp_path_factory.mktemp("text-model"))
+
+
 def reference_cases(kind: str, prefix: str = "") -> list[dict]:
     """The fixture's cases of one kind whose name starts with `prefix` (read at collection time)."""
     import json
