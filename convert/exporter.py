@@ -4,7 +4,11 @@ Writes `config.json`, safetensors shards of at most `max_shard_size` with the of
 names (one `model.safetensors` when everything fits, else `model-0000i-of-0000n.safetensors` plus
 `model.safetensors.index.json`), and the tokenizer / model-code files that came with the checkpoint.
 Arrays are restored one block at a time and each tensor is appended to its shard as soon as it is
-made, so memory stays near one layer. `freqs_cis` is written back as imported, or recomputed.
+made, so memory stays near one layer; every array read is verified against the checksum recorded
+when it was written. NaN or Inf values are looked for in the values as written (a float32 weight
+beyond the range of bfloat16 becomes Inf). `freqs_cis` is written back as imported, or recomputed.
+The output appears only when complete and never touches the source
+(`huginn_jax.checkpoint.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checks import count_nonfinite
+from convert.checks import count_nonfinite, nonfinite_warning
 from convert.progress import Progress
 from convert.safetensors_io import StreamingWriter, dtype_name, read_header, read_tensor
 from huginn_jax import checkpoint
@@ -67,7 +71,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 5GB, 2GiB, 500MB)")
+        raise ValueError(f"max_shard_size: cannot read {text!r} as a size (examples: 5GB, 2GiB, 500MB)")
     number, unit = float(match.group(1)), match.group(2).upper()
     powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
     base = 1024 if "I" in unit else 1000
@@ -81,9 +85,13 @@ def export_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[
 
     `dtype` defaults to the stored one; `tied_head` (store `lm_head.weight` as a copy of the tied
     embedding) defaults to what the imported checkpoint did, else True as in the released models.
+    Raises CheckpointError for a damaged checkpoint (checksums included) and, with `strict`, NaN
+    or Inf values as written; ValueError for an `output` that is, contains or lies inside `source`;
+    FileExistsError when `output` exists and not `overwrite`; OSError when it cannot be written.
+    Nothing is left at `output` then, nor after SIGINT or SIGTERM (`huginn_jax.interruption`).
     """
     start = time.perf_counter()
-    checkpoint.check_output_path(output, overwrite)
+    checkpoint.check_output_path(output, overwrite, [source])
     description = checkpoint.read_description(source)
     config = checkpoint.read_config(source)
     problems = checkpoint.compare_shapes(checkpoint.stored_metadata(source), config, description["dtype"])
@@ -95,17 +103,21 @@ def export_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[
     shards = split(plan, parse_size(max_shard_size))
     names = shard_names(len(shards))
     warnings: list[str] = []
-    with checkpoint.atomic_directory(output, overwrite) as tmp, \
+    with checkpoint.atomic_directory(output, overwrite, [source]) as tmp, \
             Progress(sum(t.nbytes for t in plan), len(plan), "export", progress) as bar:
-        arrays = _ArrayCache(source, config)
+        arrays = _ArrayCache(source, config, description.get("checksums"))
         for name, shard in zip(names, shards):
             with StreamingWriter(tmp / name, [(t.key, dtype_name(t.dtype), t.shape) for t in shard],
                                  {"format": "pt"}) as writer:
                 for tensor in shard:
-                    value = arrays.official(tensor)
-                    bad = count_nonfinite(value)
-                    if bad:
-                        warnings.append(f"{tensor.key}: {bad} NaN or Inf value(s) of {value.size}")
+                    stored = arrays.official(tensor)
+                    value = np.ascontiguousarray(stored, dtype=tensor.dtype)
+                    bad = count_nonfinite(stored)
+                    written_bad = bad if value.dtype == stored.dtype else count_nonfinite(value)
+                    warning = nonfinite_warning(tensor.key, bad, written_bad, value.size, tensor.dtype)
+                    if warning:
+                        warnings.append(warning)
+                    del stored
                     writer.write(tensor.key, value)
                     bar.update(tensor.nbytes)
         if strict and warnings:
@@ -199,30 +211,29 @@ def hf_config(source: str | os.PathLike[str], dtype: np.dtype) -> dict[str, Any]
 
 
 class _ArrayCache:
-    """Restores our arrays from the Orbax checkpoint one top-level array or one block at a time."""
+    """Restores our arrays from the Orbax checkpoint one top-level array or one block at a time,
+    verifying each against its `recorded` checksum (when the checkpoint records them)."""
 
-    def __init__(self, source: str | os.PathLike[str], config: HuginnConfig):
-        self._source, self._config = source, config
+    def __init__(self, source: str | os.PathLike[str], config: HuginnConfig, recorded: dict[str, int] | None):
+        self._source, self._config, self._recorded = source, config, recorded
         self._key: Any = None
         self._arrays: dict[str, np.ndarray] = {}
 
     def _load(self, key: Any, select: dict) -> dict[str, np.ndarray]:
         if key != self._key:
             self._arrays = {}  # drop the previous block before reading the next
-            restored = checkpoint.restore_host(self._source, select)
+            restored = checkpoint.restore_host(self._source, select, self._recorded)
             self._arrays = restored[key[0]][key[1]] if isinstance(key, tuple) else restored
             self._key = key
         return self._arrays
 
     def official(self, tensor: PlannedTensor) -> np.ndarray:
-        """The tensor in the official layout and its planned dtype."""
+        """The tensor in the official layout, in its stored dtype (cast it to `tensor.dtype` to write)."""
         if tensor.buffer is not None:
             return tensor.buffer
         if tensor.top_level is not None:
             arrays = self._load(tensor.top_level, {tensor.top_level: 0})
-            value = flip_top_level(tensor.top_level, arrays[tensor.top_level])
-        else:
-            group, i = tensor.layer
-            layer = self._load((group, i), checkpoint.layer_selection(self._config, group, i))
-            value = tensor.block.to_hf(layer, self._config)
-        return np.ascontiguousarray(value, dtype=tensor.dtype)
+            return flip_top_level(tensor.top_level, arrays[tensor.top_level])
+        group, i = tensor.layer
+        layer = self._load((group, i), checkpoint.layer_selection(self._config, group, i))
+        return tensor.block.to_hf(layer, self._config)

@@ -3,8 +3,10 @@
 Everything that can be checked before writing is checked first (config, files, tensor names,
 shapes, dtypes, duplicates, truncation) and reported together; then each tensor is read, reshaped
 into our layout (`huginn_jax.hf_layout`), cast and written before the next is read. NaN or Inf
-values are found on the way: a warning, or an error with `strict`. The output appears only when
-complete (`huginn_jax.checkpoint.atomic_directory`).
+values are found on the way, in the values as written (a finite float32 weight beyond the range
+of bfloat16 becomes Inf): a warning, or an error with `strict`. The output appears only when
+complete and never touches the source (`huginn_jax.checkpoint.atomic_directory`); the checksum of
+every array as written is recorded in `huginn_jax.json`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checks import count_nonfinite
+from convert.checks import count_nonfinite, nonfinite_warning
 from convert.progress import Progress
 from convert.safetensors_io import StreamingWriter, dtype_name
-from convert.sources import Source, open_source, resolve
+from convert.sources import Source, open_source, resolve, source_paths
 from convert.verify import verify_import
 from huginn_jax import checkpoint
 from huginn_jax.config import ConfigError, HuginnConfig
@@ -55,21 +57,32 @@ def import_checkpoint(source: str, output: str | os.PathLike[str], *, dtype: str
     """Converts `source` (folder, weights file or Hub id) into a converted checkpoint at `output`.
 
     Raises CheckpointError listing every problem of the source (and, with `strict`, its NaN/Inf
-    tensors; with `verify`, every tensor that does not read back bitwise or a failed forward pass),
-    or FileExistsError when `output` exists and not `overwrite`. Nothing is left at `output` then.
+    tensors; with `verify`, every tensor that does not read back bitwise or a failed forward pass);
+    ValueError for an `output` that is, contains or lies inside the source (`sources.source_paths`:
+    the folder or weights file, its config and every file read, a Hub cache folder), or for an
+    unknown `dtype`; FileExistsError when `output`
+    exists and not `overwrite`; OSError when the output cannot be written. Nothing is left at
+    `output` then, nor after SIGINT or SIGTERM (`huginn_jax.interruption`).
     """
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
-    checkpoint.check_output_path(output, overwrite)
-    src = open_source(resolve(source, revision), config_path, description=source)
+    if os.path.exists(source):
+        checkpoint.check_output_path(output, overwrite, source_paths(Path(source), config_path))
+    else:  # a Hub id: refuse an existing output before downloading
+        checkpoint.check_output_path(output, overwrite)
+    location = resolve(source, revision)
+    src = open_source(location, config_path, description=source)
+    protected = source_paths(location, src.config_path, src.reader.files.values(), src.side_files)
+    checkpoint.check_output_path(output, overwrite, protected)
     config, hf_config = validate(src)
-    warnings: list[str] = []
     keys = expected_keys(src, config)
-    with checkpoint.atomic_directory(output, overwrite) as tmp, \
+    with checkpoint.atomic_directory(output, overwrite, protected) as tmp, \
             Progress(sum(src.nbytes(k) for k in keys), len(keys), "import", progress) as bar:
-        loader = _Loader(src, jnp.dtype(dtype), bar, warnings)
-        checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, lazy_params(config, jnp.dtype(dtype), loader))
+        loader = _Loader(src, jnp.dtype(dtype), bar)
+        recorded = checkpoint.write_params(tmp / checkpoint.PARAMS_DIR,
+                                           lazy_params(config, jnp.dtype(dtype), loader))
+        warnings = loader.warnings()
         if strict and warnings:
             raise CheckpointError(src.description, [f"{w} (--strict)" for w in warnings])
         buffers = write_buffers(src, tmp / checkpoint.BUFFERS_FILE)
@@ -78,7 +91,7 @@ def import_checkpoint(source: str, output: str | os.PathLike[str], *, dtype: str
         for file in src.side_files:
             shutil.copy2(file, tmp / file.name)
         checkpoint.write_description(
-            tmp, config, dtype, hf_config=hf_config, created_by="python -m convert import",
+            tmp, config, dtype, hf_config=hf_config, checksums=recorded, created_by="python -m convert import",
             source={"location": src.description, "format": src.kind,
                     "files": sorted({os.path.basename(p) for p in src.reader.files.values()})},
             stored_tied_head=config.tie_embeddings and LM_HEAD in src.reader.files,
@@ -121,23 +134,29 @@ def expected_keys(src: Source, config: HuginnConfig) -> list[str]:
 
 
 class _Loader:
-    """Reads a source tensor, notes its NaN/Inf and progress once, and makes one of our arrays."""
+    """Reads a source tensor, notes progress once, makes one of our arrays, and counts the NaN/Inf of
+    the source tensor and of the arrays as written."""
 
-    def __init__(self, src: Source, dtype: np.dtype, bar: Progress, warnings: list[str]):
-        self._src, self._dtype, self._bar, self._warnings = src, dtype, bar, warnings
-        self._seen: set[str] = set()
+    def __init__(self, src: Source, dtype: np.dtype, bar: Progress):
+        self._src, self._dtype, self._bar = src, dtype, bar
+        self._counts: dict[str, list[int]] = {}  # key -> [source NaN/Inf, written NaN/Inf, size]
         self.bytes_read = 0
 
     def __call__(self, key: str, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         tensor = self._src.reader(key)
         self.bytes_read += tensor.nbytes
-        if key not in self._seen:
-            self._seen.add(key)
-            bad = count_nonfinite(tensor)
-            if bad:
-                self._warnings.append(f"{key}: {bad} NaN or Inf value(s) of {tensor.size}")
+        if key not in self._counts:
+            self._counts[key] = [count_nonfinite(tensor), 0, tensor.size]
             self._bar.update(self._src.nbytes(key))
-        return np.ascontiguousarray(transform(tensor), dtype=self._dtype)
+        array = np.ascontiguousarray(transform(tensor), dtype=self._dtype)
+        self._counts[key][1] += count_nonfinite(array)  # the arrays of one key split its tensor
+        return array
+
+    def warnings(self) -> list[str]:
+        """One line per tensor with NaN or Inf values as written, in reading order."""
+        found = (nonfinite_warning(k, source, written, size, self._dtype)
+                 for k, (source, written, size) in self._counts.items())
+        return [w for w in found if w]
 
 
 def lazy_params(config: HuginnConfig, dtype: np.dtype, load: Callable[[str, Callable], np.ndarray]) -> Params:

@@ -11,11 +11,12 @@ has to be held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -134,7 +135,8 @@ class StreamingWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
         self._file: BinaryIO = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        with self._naming_errors():
+            self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -142,11 +144,23 @@ class StreamingWriter:
         if name != expected or dtype_name(array.dtype) != dtype or tuple(array.shape) != tuple(shape):
             raise ValueError(f"{self.path}: got {name} {array.dtype}{list(array.shape)}, "
                              f"expected {expected} {dtype}{list(shape)}")
-        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        with self._naming_errors():
+            self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         self._next += 1
 
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        """A failed write (a full disk, say) names this file (Python's file writes name none)."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, self.path) from err
+            raise
+
     def close(self) -> None:
-        self._file.close()
+        with self._naming_errors():
+            self._file.close()
         if self._next != len(self._plan):
             raise ValueError(f"{self.path}: {len(self._plan) - self._next} planned tensors were not written")
 
@@ -157,4 +171,5 @@ class StreamingWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._file.close()
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                self._file.close()

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -116,13 +116,37 @@ _TORCH_DTYPE_NAMES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfl
                       "torch.float64": "F64", "torch.int64": "I64", "torch.int32": "I32", "torch.bool": "BOOL"}
 
 
+def source_paths(location: str | os.PathLike[str], config_path: str | os.PathLike[str] | None = None,
+                 files: Iterable[str | os.PathLike[str]] = (),
+                 side_files: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    """What an output must keep clear of (`huginn_jax.checkpoint.check_output_path`): the source
+    (a folder, or a single weights file), its config and every other file it reads; behind a
+    symlink, the folder of its target too (the blobs of a Hugging Face cache); for a source inside
+    a Hugging Face cache (.../models--org--name/snapshots/REV), the model's whole cache folder.
+
+    So an output may not be, contain or lie inside a source folder; beside a single weights file it
+    may be a new folder in the same folder, but not the file, its config, or a folder holding them.
+    """
+    location = Path(location)
+    paths = [location]
+    for file in [*([config_path] if config_path else []), *files, *side_files]:
+        paths.append(Path(file))
+        if os.path.islink(file):
+            paths.append(Path(os.path.realpath(file)).parent)
+    real = Path(os.path.realpath(location if location.is_dir() else location.parent))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        paths.append(real.parent.parent)
+    return paths
+
+
 def resolve(source: str, revision: str | None = None) -> Path:
     """A local path for `source`: itself when it exists, else a download of that Hub id."""
     if os.path.exists(source):
         return Path(source)
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise CheckpointError(source, ["no such file or folder"])
+        raise CheckpointError(f"source {source}", ["no such file or folder (nor a Hugging Face Hub id such as "
+                                                   "org/name)"])
     try:
         import huggingface_hub
     except ImportError:

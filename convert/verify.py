@@ -18,6 +18,7 @@ from convert.checks import bitwise_equal
 from huginn_jax import checkpoint
 from huginn_jax.config import HuginnConfig
 from huginn_jax.hf_layout import TOP_LEVEL_TENSORS, block_key, block_tensors, flip_top_level, top_level_names
+from huginn_jax.interruption import signals_held
 
 FORWARD_TOKENS = 8
 FORWARD_STEPS = 2
@@ -53,7 +54,8 @@ def forward_problems(path: str | os.PathLike[str]) -> list[str]:
     """Restores the checkpoint on the default device and checks a short forward pass."""
     from huginn_jax.model import forward
 
-    config, params = checkpoint.restore(path)
+    with signals_held():  # a read cut short would be reported by TensorStore with a traceback
+        config, params = checkpoint.restore(path)
     ids = (np.arange(FORWARD_TOKENS, dtype=np.int32) % config.vocab_size)[None]
     logits = np.asarray(forward(params, ids, FORWARD_STEPS, config=config, init_scale=0.0).logits, np.float32)
     if logits.shape != (1, FORWARD_TOKENS, config.vocab_size):

@@ -1,14 +1,19 @@
-"""The main job: answers an arithmetic problem with the embedded trained model, static AR and the
-diffusion forcing sampler side by side, with their tokens per second.
+"""Generate with any sampler: text (or a chat) with a checkpoint's tokenizer, or the main job.
 
-With no flags it runs the small model that ships inside the package (no download, no network):
+With no flags, the main job: the small model that ships inside the package answers a held-out
+arithmetic problem with static AR and the diffusion forcing sampler side by side (no download, no
+network):
 
     python -m experiments.generate
     python -m experiments.generate --problem=98765+4321 --num_steps=64
-    python -m experiments.generate --checkpoint=/path/to/hf_or_converted --prompt_ids=1,2,3 --max_new_tokens=24
 
-A checkpoint folder with a `tokenizer.json` of the arithmetic task takes `--problem`; any other
-checkpoint takes `--prompt_ids` and prints token ids.
+Text with a checkpoint that has a tokenizer (converted or Hugging Face layout), streamed as it is
+generated, with any sampler by the reference's option names:
+
+    python -m experiments.generate --checkpoint=ckpt/huginn-0125 --prompt="The capital of France is"
+    python -m experiments.generate --checkpoint=ckpt/huginn-0125 --chat --system="You are terse." \\
+        --prompt="What is 7 x 8?" --sampler=diffusion --gen_kwargs="num_steps=32,inner_recurrence=4,exit_t=0.03"
+    python -m experiments.generate --checkpoint=DIR --prompt_ids=1,2,3     # token ids in, token ids out
 """
 
 from __future__ import annotations
@@ -21,40 +26,75 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments.common import load_checkpoint, load_task_model, quiet_jax_logs
-from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, Problem, demo_problem, reverse_digits, score
-from samplers import SamplingConfig, generate_diffusion_style, generate_minimal
+from experiments.common import load_task_model, quiet_jax_logs
+from huginn_jax import cli
+from huginn_jax.pretrained import load_model, load_model_and_tokenizer
+from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, MAX_DIGITS, Problem, demo_problem, reverse_digits, score
+from samplers import SamplingConfig, generate, generate_diffusion_style, generate_minimal
 from samplers.diffusion import PRESETS
+from samplers.dispatch import SHORT_NAMES, parse_gen_kwargs, with_sampling
+from samplers.text import TextStreamer, chat, complete, summary_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", str(EMBEDDED_MODEL),
                     "A converted (python -m convert) or Hugging Face layout checkpoint folder.")
-flags.DEFINE_string("problem", None, "An addition 'a+b' in ordinary notation (default: a held-out problem with a long answer).")
-flags.DEFINE_list("prompt_ids", None, "Prompt token ids, for checkpoints without the task's tokenizer.json.")
-flags.DEFINE_integer("max_new_tokens", 10, "Tokens to generate at most.")
-flags.DEFINE_integer("num_steps", 32, "Recurrence steps per token of static AR (and the diffusion prefill).")
-flags.DEFINE_multi_enum("samplers", ["ar", "diffusion"], ["ar", "diffusion"], "Samplers to run side by side.")
-flags.DEFINE_enum("diffusion_preset", "paper-main", list(PRESETS), "Diffusion sampler setting (the paper's).")
+flags.DEFINE_string("prompt", None, "Text to continue (or, with --chat, the user's message).")
+flags.DEFINE_bool("chat", False, "Put --prompt into the checkpoint's chat template as the user's message.")
+flags.DEFINE_string("system", None, "With --chat: a system message before the user's.")
+flags.DEFINE_enum("sampler", "ar", sorted(SHORT_NAMES), "Sampler for text generation.")
+flags.DEFINE_string("gen_kwargs", "", "Sampler options by the reference's names, lm-eval style: "
+                    "'num_steps=32,inner_recurrence=4,exit_t=0.03' (also temperature, top_p, ...).")
+flags.DEFINE_list("stop_strings", [], "Text generation ends once the generated text contains one of these.")
+flags.DEFINE_string("problem", None, "An addition 'a+b' in ordinary notation, for the embedded arithmetic model "
+                    "(default: a held-out problem with a long answer).")
+flags.DEFINE_list("prompt_ids", None, "Prompt token ids (any checkpoint, tokens out).")
+flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: 10 for arithmetic, 256 for text).")
+flags.DEFINE_integer("num_steps", 32, "Recurrence steps per token (static AR; the diffusion prefill).")
+flags.DEFINE_multi_enum("samplers", ["ar", "diffusion"], ["ar", "diffusion"],
+                        "Samplers the arithmetic main job runs side by side.")
+flags.DEFINE_enum("diffusion_preset", "paper-main", list(PRESETS), "Diffusion sampler setting of the main job.")
 flags.DEFINE_float("init_scale", 1.0, "Scale of the random initial latent state (0: start from zeros).")
 flags.DEFINE_bool("do_sample", False, "Sample instead of greedy decoding.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_integer("top_k", 50, "Top-k filter when sampling (0: off).")
 flags.DEFINE_float("top_p", 1.0, "Top-p filter when sampling (1: off).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
-flags.DEFINE_integer("repeats", 5, "Timed runs of each sampler (interleaved); the median is reported.")
+flags.DEFINE_float("min_p", 0.0, "Min-p filter when sampling (0: off).")
+flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty (1: off).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default: the checkpoint's; float32 for "
+                  "Hugging Face folders).")
+flags.DEFINE_integer("repeats", 5, "Arithmetic main job: timed runs of each sampler (interleaved), median reported.")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the initial states and of sampling.")
+
+MEANING = ("(sequential core steps set the speed on a GPU or TPU, where one step costs about the same for 1 or "
+           "100 positions; on a CPU the total core position-steps do)")
+
+
+def sampling_config() -> SamplingConfig:
+    return SamplingConfig(do_sample=FLAGS.do_sample, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                          top_p=FLAGS.top_p, min_p=FLAGS.min_p, repetition_penalty=FLAGS.repetition_penalty)
 
 
 def parse_problem(text: str) -> Problem:
-    try:
-        a, b = (int(x) for x in text.replace(" ", "").split("+"))
-    except ValueError:
-        raise app.UsageError(f"--problem={text!r} is not an addition 'a+b' of two non-negative integers") from None
-    if a < 0 or b < 0:
-        raise app.UsageError(f"--problem={text!r}: operands must be non-negative")
+    parts = text.replace(" ", "").split("+")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise cli.UsageError(f"--problem={text!r} is not an addition 'a+b' of two non-negative integers")
+    a, b = (int(p) for p in parts)
+    if max(len(parts[0].lstrip("0") or "0"), len(parts[1].lstrip("0") or "0")) > MAX_DIGITS:
+        raise cli.UsageError(f"--problem={text!r}: the embedded model was trained on operands of at most "
+                             f"{MAX_DIGITS} digits")
     return Problem(a, b)
+
+
+def parse_prompt_ids(values: list[str]) -> list[int]:
+    try:
+        ids = [int(v) for v in values]
+    except ValueError:
+        raise cli.UsageError(f"--prompt_ids={','.join(values)!r} must be comma-separated integers") from None
+    if not ids:
+        raise cli.UsageError("--prompt_ids is empty")
+    return ids
 
 
 def timed(run: Callable[[], Any]) -> tuple[Any, float]:
@@ -64,33 +104,89 @@ def timed(run: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
-    dtype = jnp.dtype(FLAGS.dtype)
-    has_tokenizer = (Path(FLAGS.checkpoint) / "tokenizer.json").exists() and FLAGS.prompt_ids is None
-    if has_tokenizer:
-        config, params, tokenizer = load_task_model(FLAGS.checkpoint, dtype)
-        problem = parse_problem(FLAGS.problem) if FLAGS.problem else demo_problem()
-        prompt = tokenizer.encode_prompt(problem)
-        stops = [tokenizer.end_id]
-    else:
-        if FLAGS.problem:
-            raise app.UsageError(f"{FLAGS.checkpoint} has no tokenizer.json of the arithmetic task: pass --prompt_ids")
-        if not FLAGS.prompt_ids:
-            raise app.UsageError(f"{FLAGS.checkpoint} has no tokenizer.json: pass --prompt_ids")
-        config, params = load_checkpoint(FLAGS.checkpoint, dtype)
-        tokenizer, problem, prompt, stops = None, None, [int(t) for t in FLAGS.prompt_ids], None
+    if FLAGS.problem is not None and (FLAGS.prompt is not None or FLAGS.prompt_ids):
+        raise cli.UsageError("--problem is for the embedded arithmetic model; it cannot be combined with --prompt "
+                             "or --prompt_ids")
+    if FLAGS.prompt is not None:
+        return text_job()
+    if FLAGS.chat:
+        raise cli.UsageError("--chat needs --prompt (the user's message); for a conversation use experiments.chat")
+    if FLAGS.prompt_ids is not None:
+        return ids_job(parse_prompt_ids(FLAGS.prompt_ids))
+    return arithmetic_job()
 
+
+def text_job() -> None:
+    """Streams the continuation of --prompt (or the chat reply) and ends with one line of statistics."""
+    if not FLAGS.prompt.strip():
+        raise cli.UsageError("--prompt is empty")
+    config, params, tokenizer = load_model_and_tokenizer(FLAGS.checkpoint, FLAGS.dtype)
+    options = with_sampling(parse_gen_kwargs(FLAGS.gen_kwargs), sampling_config())
+    options.setdefault("num_steps", FLAGS.num_steps)
+    options.setdefault("init_scale", FLAGS.init_scale)
+    options.setdefault("key", jax.random.key(FLAGS.seed))
+    max_new_tokens = FLAGS.max_new_tokens or 256
+    first_token: list[float] = []
+    streamer = TextStreamer(tokenizer, stop_strings=FLAGS.stop_strings)
+
+    def stream(new: list[np.ndarray]) -> None:
+        if not first_token and len(new[0]):
+            first_token.append(time.perf_counter())
+        streamer(new)
+
+    stream.end = streamer.end  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    if FLAGS.chat:
+        messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else []) + \
+            [{"role": "user", "content": FLAGS.prompt}]
+        out = chat(params, tokenizer, [messages], config=config, max_new_tokens=max_new_tokens,
+                   stop_strings=FLAGS.stop_strings, sampler=FLAGS.sampler, streamer=stream, **options)
+    else:
+        if FLAGS.system:
+            raise cli.UsageError("--system needs --chat")
+        print(FLAGS.prompt, end="", flush=True)
+        out = complete(params, tokenizer, [FLAGS.prompt], config=config, max_new_tokens=max_new_tokens,
+                       stop_strings=FLAGS.stop_strings, sampler=FLAGS.sampler, streamer=stream, **options)
+    end = time.perf_counter()
+    print()
+    print(summary_line(out.output, 0, end - start, end - first_token[0] if first_token else None))
+    print(MEANING)
+
+
+def ids_job(prompt: list[int]) -> None:
+    """Token ids in, token ids out, for any checkpoint."""
+    config, params = load_model(FLAGS.checkpoint, FLAGS.dtype)
+    options = with_sampling(parse_gen_kwargs(FLAGS.gen_kwargs), sampling_config())
+    options.setdefault("num_steps", FLAGS.num_steps)
+    options.setdefault("init_scale", FLAGS.init_scale)
+    options.setdefault("key", jax.random.key(FLAGS.seed))
+    print(f"prompt ids: {prompt}")
+    out, took = timed(lambda: generate(params, [prompt], config=config, sampler=FLAGS.sampler,
+                                       max_new_tokens=FLAGS.max_new_tokens or 10, **options))
+    print(f"{FLAGS.sampler}: {out.sequences()[0]}")
+    print(summary_line(out, 0, took, None))
+
+
+def arithmetic_job() -> None:
+    """The main job: the embedded (or another arithmetic) model answers a problem, samplers side by side."""
+    if not (Path(FLAGS.checkpoint) / "tokenizer.json").exists():
+        load_model(FLAGS.checkpoint)  # a clear error for a folder that is no checkpoint
+        raise cli.UsageError(f"--checkpoint={FLAGS.checkpoint} has no tokenizer.json: pass --prompt_ids (or --prompt "
+                             "for a checkpoint with a text tokenizer)")
+    config, params, tokenizer = load_task_model(FLAGS.checkpoint, jnp.dtype(FLAGS.dtype or "float32"))
+    problem = parse_problem(FLAGS.problem) if FLAGS.problem is not None else demo_problem()
+    prompt = tokenizer.encode_prompt(problem)
     print(f"model: width {config.n_embd}, {config.n_layers_in_prelude}/{config.n_layers_in_recurrent_block}/"
           f"{config.n_layers_in_coda} layers (prelude/core/coda), trained at mean recurrence {config.mean_recurrence}")
-    if problem is not None:
-        print(f"problem: {problem.a} + {problem.b} = ?   (the model reads and writes digits least-significant "
-              f"first: prompt {problem.prompt!r})")
+    print(f"problem: {problem.a} + {problem.b} = ?   (the model reads and writes digits least-significant "
+          f"first: prompt {problem.prompt!r})")
     print(f"prompt ids: {prompt}")
-    common = dict(config=config, max_new_tokens=FLAGS.max_new_tokens, num_steps=FLAGS.num_steps,
-                  init_scale=FLAGS.init_scale, stop_token_ids=stops, key=jax.random.key(FLAGS.seed),
-                  sampling=SamplingConfig(do_sample=FLAGS.do_sample, temperature=FLAGS.temperature,
-                                          top_k=FLAGS.top_k, top_p=FLAGS.top_p))
+    common = dict(config=config, max_new_tokens=FLAGS.max_new_tokens or 10, num_steps=FLAGS.num_steps,
+                  init_scale=FLAGS.init_scale, stop_token_ids=[tokenizer.end_id], key=jax.random.key(FLAGS.seed),
+                  sampling=sampling_config())
     samplers = {"ar": (f"static AR, r={FLAGS.num_steps}", lambda: generate_minimal(params, [prompt], **common)),
                 "diffusion": (f"diffusion forcing, {FLAGS.diffusion_preset}", lambda: generate_diffusion_style(
                     params, [prompt], **common, **PRESETS[FLAGS.diffusion_preset]))}
@@ -100,26 +196,25 @@ def main(argv: list[str]) -> None:
     for _ in range(FLAGS.repeats):
         for name, run in runs.items():
             out, took = timed(run)
-            assert out.sequences() == outputs[name].sequences() or FLAGS.do_sample
             seconds[name].append(took)
 
     base = None
     for name, out in outputs.items():
         tokens = out.sequences()[0]
-        speed = len(tokens) / statistics.median(seconds[name])
+        took = statistics.median(seconds[name]) if seconds[name] else float("nan")
+        speed = len(tokens) / took
         base = base or speed
-        steps = float(np.sum(out.recurrence_steps[0])) / max(len(tokens), 1)
-        if tokenizer is not None:
-            text = tokenizer.decode(tokens)
-            digits = text.split("<")[0]
-            verdict = "correct" if score(text, problem) else f"wrong (the answer is {problem.a + problem.b})"
-            shown = f"{digits!r} = {reverse_digits(int(digits)) if digits.isdigit() else '?'}: {verdict}"
-        else:
-            shown = f"{tokens}"
+        text = tokenizer.decode(tokens)
+        digits = text.split("<")[0]
+        verdict = "correct" if score(text, problem) else f"wrong (the answer is {problem.a + problem.b})"
+        shown = f"{digits!r} = {reverse_digits(int(digits)) if digits.isdigit() else '?'}: {verdict}"
+        sequential = float(out.stats["sequential_core_steps"][0]) / max(len(tokens), 1)
+        total = float(out.stats["core_position_steps"][0]) / max(len(tokens), 1)
         print(f"{name:>32}: {shown}\n{'':>32}  {len(tokens)} tokens, {speed:.1f} tokens/s ({speed / base:.2f}x), "
-              f"{steps:.1f} core steps per token")
+              f"{sequential:.1f} sequential core steps per token, {total:.1f} core position-steps per token")
     print(f"({jax.devices()[0].platform}, batch 1, median of {FLAGS.repeats} runs after compilation)")
+    print(MEANING)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,13 +1,16 @@
 """Checks huginn-jax against golden outputs of the official PyTorch implementation.
 
-Runs every case of the fixture's `cases.json` and prints one row per case:
+Runs every case of each fixture's `cases.json` (by default both fixtures in tests/fixtures: the
+tiny model's forward passes and samplers, and its KV-cache strategies) and prints one row per case:
 - forward cases: logits and latents at each listed depth (and from given input states) within a
   relative error of `--rtol` (largest absolute difference over the largest reference magnitude);
-- generate cases: the greedy tokens, and the statistics where the case records them.
-A case whose options a sampler does not take fails and names them; nothing is
-skipped. Ends with `reference_check: P/N cases pass` and exits non-zero unless all pass.
+- generate cases: the greedy tokens, the statistics where the case records them, and the cache's
+  filled memory (`cache_memory_mb`, the reference's `get_memory_usage()`) where it records that.
+A case that cannot run (options a sampler does not take, a strategy it does not know, any error)
+fails and says why; nothing is skipped. Ends with `reference_check: P/N cases pass` over all
+fixtures and exits non-zero unless all pass.
 
-    python -m experiments.reference_check [--fixture_dir DIR] [--checkpoint DIR]
+    python -m experiments.reference_check [--fixture_dir DIR[,DIR...]] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -21,17 +24,21 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.common import DEFAULT_FIXTURE, load_checkpoint, quiet_jax_logs
+from huginn_jax import cli
 from huginn_jax.config import HuginnConfig
 from huginn_jax.model import forward
 from samplers import generate
 
 MAX_NEW_TOKENS = 24  # the fixture's generate cases all use max_new_tokens=24 and init_scale=0
+CACHE_FIXTURE = DEFAULT_FIXTURE.parent / "huginn-reference-cache"
+"""The same tiny model's generations under every KV-cache strategy, with the cache's memory."""
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("fixture_dir", str(DEFAULT_FIXTURE), "Folder with checkpoint/, arrays.npz and cases.json.")
+flags.DEFINE_list("fixture_dir", [str(DEFAULT_FIXTURE), str(CACHE_FIXTURE)],
+                  "Folders with checkpoint/, arrays.npz and cases.json, checked one after another.")
 flags.DEFINE_string("checkpoint", None, "Parameters to check instead of the fixture's checkpoint/: a Hugging "
                     "Face folder or a converted (python -m convert) checkpoint, read as float32.")
 flags.DEFINE_float("rtol", 1e-5, "Largest allowed relative error of forward logits and latents.")
@@ -104,6 +111,15 @@ def run_generate_case(fixture: Fixture, case: dict) -> CaseResult:
     compared = min(len(want), MAX_NEW_TOKENS)
     if got[:compared] != want[:compared]:
         return CaseResult(name, False, f"tokens differ: got {got}, want {want}")
+    checked = f"{compared} tokens"
+    if "cache_memory_mb" in case:
+        memory = out.stats.get("cache_memory_mb")
+        if memory is None:
+            return CaseResult(name, False, "tokens identical; unsupported: this sampler reports no cache_memory_mb")
+        if float(memory[0]) != case["cache_memory_mb"]:
+            return CaseResult(name, False, f"tokens identical, cache memory differs: got {float(memory[0])} MiB, "
+                                           f"want {case['cache_memory_mb']} MiB")
+        checked += f" and cache memory ({case['cache_memory_mb']} MiB)"
     if "stats" in case:
         stats = getattr(out, "stats", None)
         if not stats:
@@ -112,8 +128,8 @@ def run_generate_case(fixture: Fixture, case: dict) -> CaseResult:
         if differ:
             details = "; ".join(f"{key}: got {first_row(stats.get(key))}, want {case['stats'][key]}" for key in differ)
             return CaseResult(name, False, f"tokens identical, statistics differ: {details}")
-        return CaseResult(name, True, f"{compared} tokens and {len(case['stats'])} statistics identical")
-    return CaseResult(name, True, f"{compared} tokens identical")
+        return CaseResult(name, True, f"{checked} and {len(case['stats'])} statistics identical")
+    return CaseResult(name, True, f"{checked} identical")
 
 
 def first_row(value: Any) -> Any:
@@ -132,26 +148,37 @@ def same_statistic(ours: Any, want: Any) -> bool:
 
 
 def run_case(fixture: Fixture, case: dict, rtol: float = 1e-5) -> CaseResult:
-    if case["kind"] == "forward":
-        return run_forward_case(fixture, case, rtol)
-    if case["kind"] == "generate":
-        return run_generate_case(fixture, case)
+    """One case's result; a case that raises fails with the error instead of ending the run."""
+    try:
+        if case["kind"] == "forward":
+            return run_forward_case(fixture, case, rtol)
+        if case["kind"] == "generate":
+            return run_generate_case(fixture, case)
+    except Exception as err:  # noqa: BLE001 - a case that cannot run is a failure, never the end of the run
+        return CaseResult(case_name(case), False, f"cannot run: {type(err).__name__}: {err}")
     return CaseResult(case_name(case), False, f"unknown case kind {case['kind']!r}")
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
-    fixture = load_fixture(FLAGS.fixture_dir, FLAGS.checkpoint)
+    for folder in FLAGS.fixture_dir:
+        missing = [part for part in ("checkpoint", "arrays.npz", "cases.json") if not (Path(folder) / part).exists()]
+        if missing:
+            raise cli.UsageError(f"--fixture_dir={folder} is not a reference fixture: it has no {', '.join(missing)}")
     results = []
-    for case in fixture.cases:
-        result = run_case(fixture, case, FLAGS.rtol)
-        results.append(result)
-        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:<42} {result.detail}", flush=True)
+    for folder in FLAGS.fixture_dir:
+        fixture = load_fixture(folder, FLAGS.checkpoint)
+        print(f"fixture {folder}: {len(fixture.cases)} cases", flush=True)
+        for case in fixture.cases:
+            result = run_case(fixture, case, FLAGS.rtol)
+            results.append(result)
+            print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:<42} {result.detail}", flush=True)
     passed = sum(r.passed for r in results)
     print(f"reference_check: {passed}/{len(results)} cases pass")
     sys.exit(0 if passed == len(results) else 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

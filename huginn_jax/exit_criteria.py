@@ -1,4 +1,4 @@
-"""Per-step exit criteria for adaptive depth, the reference's exit evaluators (used by `huginn_jax.recurrence.AdaptiveExit`).
+"""Per-step exit criteria for adaptive depth, the reference's exit evaluators (`recurrence.AdaptiveExit`).
 
 A criterion is a pair of pure functions over an explicit state: `init` builds the state from the
 initial latents, `update` takes the latents after a recurrence step (and the logits of each

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from huginn_jax.config import HuginnConfig
+from huginn_jax.config import ConfigError, HuginnConfig
 from huginn_jax.hf_layout import LM_HEAD, NON_PARAMETER_KEYS, hf_shapes, params_from_hf
 from huginn_jax.params import Params, ParamSpec, is_spec, param_specs
 
@@ -41,18 +41,27 @@ class CheckpointError(ValueError):
 def tensor_files(folder: str | os.PathLike[str]) -> dict[str, str]:
     """Official key -> path of the safetensors file that holds it."""
     folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(folder, ["is not a folder" if os.path.exists(folder) else "does not exist"])
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(index_path, [f"is not valid JSON ({err})"]) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(index_path, ["has no 'weight_map' object"])
         return {key: os.path.join(folder, name) for key, name in weight_map.items()}
     single = os.path.join(folder, SINGLE_FILE)
     if not os.path.exists(single):
         raise CheckpointError(folder, [f"neither {SINGLE_FILE} nor {INDEX_FILE} exists"])
-    with safe_open(single, framework="numpy") as f:
-        return {key: single for key in f.keys()}
+    try:
+        with safe_open(single, framework="numpy") as f:
+            return {key: single for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(single, [f"cannot be read as safetensors ({err})"]) from None
 
 
 class TensorReader:
@@ -82,14 +91,22 @@ def check_checkpoint(reader: TensorReader, config: HuginnConfig) -> list[str]:
     problems = []
     expected = hf_shapes(config)
     present: dict[str, tuple[tuple[int, ...], str]] = {}
+    unreadable: dict[str, str] = {}  # file -> why: one problem per damaged file, not per tensor
     for key, path in sorted(reader.files.items()):
         if not os.path.exists(path):
             problems.append(f"{key}: its file {os.path.basename(path)} does not exist")
             continue
+        if path in unreadable:
+            continue
         try:
             present[key] = reader.header(key)
-        except Exception as err:  # safetensors raises its own error types for absent keys
-            problems.append(f"{key}: cannot be read from {os.path.basename(path)} ({err})")
+        except Exception as err:  # safetensors raises its own error types for absent keys and damaged files
+            if isinstance(reader, TensorReader) and not _readable(path):
+                unreadable[path] = str(err)
+            else:
+                problems.append(f"{key}: cannot be read from {os.path.basename(path)} ({err})")
+    problems += [f"{os.path.basename(path)}: cannot be read as safetensors ({why}); the tensors it should hold are "
+                 "not checked" for path, why in sorted(unreadable.items())]
     for key in sorted(set(expected) - set(present) - {k for k in reader.files if k not in present}):
         problems.append(f"{key}: missing (expected shape {list(expected[key])})")
     allowed_extra = set(NON_PARAMETER_KEYS) | ({LM_HEAD} if config.tie_embeddings else set())
@@ -107,6 +124,15 @@ def check_checkpoint(reader: TensorReader, config: HuginnConfig) -> list[str]:
     return problems
 
 
+def _readable(path: str) -> bool:
+    """Whether safetensors can open `path` at all."""
+    try:
+        with safe_open(path, framework="numpy"):
+            return True
+    except Exception:  # safetensors raises its own error types
+        return False
+
+
 def iter_hf_tensors(folder: str | os.PathLike[str], config: HuginnConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yields every validated parameter tensor of a checkpoint, one at a time, in its stored dtype."""
     files = tensor_files(folder)
@@ -119,6 +145,21 @@ def iter_hf_tensors(folder: str | os.PathLike[str], config: HuginnConfig) -> Ite
             yield key, reader(key)
 
 
+def _folder_config(folder: str | os.PathLike[str]) -> HuginnConfig:
+    """The config of a checkpoint folder, or CheckpointError naming the folder or its config.json."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isdir(folder):
+        raise CheckpointError(os.fspath(folder), ["is not a folder" if os.path.exists(folder) else "does not exist"])
+    try:
+        return HuginnConfig.from_hf_json(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, ["does not exist"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(path, [f"is not valid JSON ({err})"]) from None
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(path, [str(err).replace("\n", "\n    ")]) from None
+
+
 def load_hf_checkpoint(folder: str | os.PathLike[str], dtype: Any = jnp.float32,
                        config: HuginnConfig | None = None) -> tuple[HuginnConfig, Params]:
     """(config, parameters on the default device in `dtype`) from a Hugging Face layout folder.
@@ -126,7 +167,8 @@ def load_hf_checkpoint(folder: str | os.PathLike[str], dtype: Any = jnp.float32,
     The config comes from the folder's `config.json` unless one is given. Each array is placed
     according to its `ParamSpec`.
     """
-    config = HuginnConfig.from_hf_json(folder) if config is None else config
+    if config is None:
+        config = _folder_config(folder)
     tensors = dict(iter_hf_tensors(folder, config))
     host = params_from_hf(tensors.__getitem__, config)
 

@@ -28,7 +28,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from huginn_jax import validation
 from huginn_jax.config import HuginnConfig

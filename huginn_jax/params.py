@@ -201,7 +201,8 @@ def check_params(params: Any, config: HuginnConfig) -> None:
     """Raises ParamsError naming every mismatch between a parameter tree and `config` (shapes and
     dtypes only: cheap, and remembered per tree signature)."""
     if not isinstance(params, dict):
-        raise ParamsError(f"params must be the parameter dict of init_params / a checkpoint, got {type(params).__name__}")
+        raise ParamsError(f"params must be the parameter dict of init_params or a checkpoint, "
+                          f"got {type(params).__name__}")
     try:
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         signature = tuple((leaf_name(p), (tuple(a.shape), jnp.dtype(a.dtype).name)) for p, a in leaves)

@@ -7,10 +7,12 @@ stops computing and stops writing the cache, so its cache holds exactly the step
 reference keeps iterating exited sequences while others run and lets later tokens read those
 keys; its docstring says so.)
 
-Where a position that exited early is looked up by a later, deeper token, the cache strategy
-decides: "full" leaves it out of that step's attention, "latest-m4" lends the keys of the latest
-step it reached, "latest-m4-compress-s4" shares one slot per core layer. With "full", later tokens
-attend to fewer and fewer earlier positions at deep steps, which hurts accuracy (a warning says so).
+Where a position that exited early is looked up by a later, deeper token, the cache strategy's
+lookup rule decides (every rule of the reference, with any compression rule: `huginn_jax.kv_cache`):
+"full" and "skip" leave it out of that step's attention, "latest-m4" and "available-m4" lend the
+keys of the latest step it reached, "always-last-m4" and "randomized" pick other steps of the same
+core layer. With "full", later tokens attend to fewer and fewer earlier positions at deep steps,
+which hurts accuracy (a warning says so).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
 from huginn_jax.exit_criteria import ExitCriterion, get_criterion
-from huginn_jax.kv_cache import FULL
+from huginn_jax.kv_cache import FULL, CacheStrategy
 from huginn_jax.recurrence import AdaptiveExit
 from samplers import autoregressive
 from samplers.common import GenerateOutput, make_cache, setup
@@ -40,8 +42,9 @@ def generate_with_adaptive_compute(
         num_steps: int | None = None, min_steps: int = 0, check_criterion_every_n_steps: int = 1,
         do_not_exit_in_prefill: bool = False, init_scale: float = 1.0, continuous_compute: bool = False,
         cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
-        stop_token_ids: Sequence[int] | None = None, key: Array | None = None,
-        streamer: Streamer | None = None, record_exit_values: bool = False) -> GenerateOutput:
+        stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+        tokenizer: Any = None, key: Array | None = None, streamer: Streamer | None = None,
+        record_exit_values: bool = False) -> GenerateOutput:
     """Generates with a per-token recurrence depth chosen by an exit criterion.
 
     criterion: "latent-diff", "entropy-diff", "kl", "minp-kl", "argmax-stability", "cosine",
@@ -65,11 +68,14 @@ def generate_with_adaptive_compute(
     do_not_exit_in_prefill = validation.boolean("do_not_exit_in_prefill", do_not_exit_in_prefill)
     continuous_compute = validation.boolean("continuous_compute", continuous_compute)
     record = validation.boolean("record_exit_values", record_exit_values)
+    strategy = CacheStrategy.parse(cache_lookup_strategy, config.n_layers_in_recurrent_block)
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
-                stop_token_ids=stop_token_ids, key=key, random=sampling.do_sample, random_why="do_sample=True")
-    cache = make_cache(config, params, run.batch, cache_lookup_strategy, num_steps,
-                       run.prompts.shape[1] + run.max_new_tokens)
-    if cache_lookup_strategy == FULL and criterion.name != "none":
+                stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
+                random=sampling.do_sample or strategy.needs_key,
+                random_why="do_sample=True or cache_lookup_strategy='randomized'")
+    cache = make_cache(config, params, run.batch, strategy, num_steps, run.prompts.shape[1] + run.max_new_tokens,
+                       keys=run.keys)
+    if strategy.lookup == FULL and criterion.name != "none":
         warnings.warn("adaptive exits with cache_lookup_strategy='full' leave later tokens nothing to attend to at "
                       "the steps that earlier tokens skipped, which costs accuracy; 'latest-m4' lends those "
                       "positions their latest keys", UserWarning, stacklevel=2)

@@ -39,6 +39,7 @@ class Decoding:
     next_state: Array  # [B, E] where continuous compute starts the next token
     seen: Array  # [B, V] ids in each sequence (repetition penalty)
     done: Array  # [B]
+    stop_state: Array  # [B] the stop strings' automaton state (see `Stops`)
     tokens: Array  # [B, N] chosen tokens (NO_TOKEN past a stop)
     steps: Array  # [B, N] core steps each token received
     exit_values: Array | None  # [B, N, W] the exit criterion after every step, when recorded
@@ -51,17 +52,20 @@ def generate(params: dict, config: HuginnConfig, setup: Setup, cache: KVCache, p
     """Runs the decoding loop for a validated `setup`; `resume_from_latents`: continuous compute
     starts from the previous token's latents (ln_f of the state, static AR) or its raw state
     (adaptive, as the reference)."""
+    memory = cache.memory()
     with streaming.session(streamer) as number:
-        loop = _decode(params, cache, jnp.asarray(setup.prompts), jnp.asarray(setup.lengths), setup.keys,
-                       jnp.float32(setup.init_scale), setup.sampling, setup.stops, prompt_recurrence,
-                       token_recurrence, number, config=config, max_new_tokens=setup.max_new_tokens,
-                       continuous_compute=bool(continuous_compute), resume_from_latents=resume_from_latents,
-                       stream=streamer is not None)
-        loop = jax.device_get(loop)
+        loop, filled = _decode(params, cache, jnp.asarray(setup.prompts), jnp.asarray(setup.lengths), setup.keys,
+                               jnp.float32(setup.init_scale), setup.sampling, setup.stops, prompt_recurrence,
+                               token_recurrence, number, config=config, max_new_tokens=setup.max_new_tokens,
+                               continuous_compute=bool(continuous_compute), resume_from_latents=resume_from_latents,
+                               stream=streamer is not None)
+        # the cache stays on device (its buffers alias the donated input's, then are freed)
+        loop, filled = jax.device_get((loop.replace(cache=None), filled))
     tokens, steps = np.asarray(loop.tokens), np.asarray(loop.steps)
     # The first token comes from the prefill, whose steps ran over every prompt position.
     stats = {"sequential_core_steps": steps.sum(axis=1),
-             "core_position_steps": steps[:, 0] * setup.lengths + steps[:, 1:].sum(axis=1)}
+             "core_position_steps": steps[:, 0] * setup.lengths + steps[:, 1:].sum(axis=1),
+             **memory.stats(filled)}
     return GenerateOutput(tokens=tokens, lengths=(tokens != NO_TOKEN).sum(axis=1), recurrence_steps=steps,
                           stats=stats, exit_values=None if loop.exit_values is None else np.asarray(loop.exit_values))
 
@@ -76,7 +80,8 @@ def recorded_values(recurrence: Recurrence, memory) -> Array | None:
 def _decode(params: dict, cache: KVCache, prompts: Array, lengths: Array, keys: Array, init_scale: Array,
             sampling: SamplingConfig, stops: Stops, prompt_recurrence: Recurrence, token_recurrence: Recurrence,
             stream_number: Array, *, config: HuginnConfig, max_new_tokens: int, continuous_compute: bool,
-            resume_from_latents: bool, stream: bool) -> Decoding:
+            resume_from_latents: bool, stream: bool) -> tuple[Decoding, Array]:
+    """The decoding loop's final carry, and each row's filled cache entries [B]."""
     batch = prompts.shape[0]
     rows = jnp.arange(batch)
     dtype = params["wte"].dtype
@@ -88,10 +93,12 @@ def _decode(params: dict, cache: KVCache, prompts: Array, lengths: Array, keys: 
         exit_values = loop.exit_values
         if exit_values is not None:
             exit_values = exit_values.at[:, index].set(jnp.where(loop.done[:, None], jnp.nan, values))
-        aborted = loop.aborted | streaming.emit(stream, stream_number, token[:, None], (~loop.done).astype(jnp.int32))
+        running = (~loop.done).astype(jnp.int32)
+        aborted = loop.aborted | streaming.emit(stream, stream_number, token[:, None], running)
+        stop_state, first_stop = stops.first_stop(loop.stop_state, token[:, None], running)
         return loop.replace(
-            token=token, seen=loop.seen.at[rows, jnp.maximum(token, 0)].max(~loop.done),
-            done=loop.done | stops.hit(token), tokens=loop.tokens.at[:, index].set(token),
+            token=token, seen=loop.seen.at[rows, jnp.maximum(token, 0)].max(~loop.done), stop_state=stop_state,
+            done=loop.done | (first_stop == 0), tokens=loop.tokens.at[:, index].set(token),
             steps=loop.steps.at[:, index].set(jnp.where(loop.done, 0, steps)), exit_values=exit_values,
             aborted=aborted)
 
@@ -103,6 +110,7 @@ def _decode(params: dict, cache: KVCache, prompts: Array, lengths: Array, keys: 
     loop = Decoding(index=jnp.int32(0), cache=cache, token=jnp.zeros((batch,), jnp.int32),
                     next_state=prompt.latents if resume_from_latents else prompt.state,
                     seen=seen_tokens(prompts, lengths, config.vocab_size), done=jnp.zeros((batch,), bool),
+                    stop_state=stops.start(batch),
                     tokens=jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32),
                     steps=jnp.zeros((batch, max_new_tokens), jnp.int32), exit_values=exit_values,
                     aborted=jnp.bool_(False))
@@ -130,4 +138,6 @@ def _decode(params: dict, cache: KVCache, prompts: Array, lengths: Array, keys: 
 
     for view in attention_views(cache.capacity):
         loop = jax.lax.while_loop(functools.partial(running, view), functools.partial(decode_one, view), loop)
-    return loop
+    # Every chosen token but the last was fed: the cache holds positions < lengths + count - 1.
+    count = jnp.sum(loop.tokens != NO_TOKEN, axis=1)
+    return loop, loop.cache.filled_entries(lengths + count - 1)

@@ -16,6 +16,7 @@ independent samples of the same prompt.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.struct
@@ -25,10 +26,12 @@ import numpy as np
 
 from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import CacheLayout, KVCache, check_strategy
+from huginn_jax.kv_cache import CacheStrategy, KVCache
 from huginn_jax.model import BlockOutput, check_token_ids, initial_state, lm_head, run_block
 from huginn_jax.params import check_params
 from huginn_jax.recurrence import Recurrence
+from huginn_jax.stop_strings import advance, build_stop_string_table, check_stop_strings
+from huginn_jax.tokenizer import check_vocab
 from samplers.sampling import SamplingConfig, next_token
 
 Array = jax.Array
@@ -43,7 +46,7 @@ NO_TOKEN = -1
 """Fills the token slots of a sequence after it has stopped."""
 
 # What a random draw is for: each purpose folds its own number into the row's key.
-INIT_STATE, CHOOSE, DRAFT, NOISE, FILLER, NEW_STATE = range(6)
+INIT_STATE, CHOOSE, DRAFT, NOISE, FILLER, NEW_STATE, CACHE_LOOKUP = range(7)
 
 
 # ---------------------------------------------------------------- setup
@@ -99,13 +102,69 @@ def stop_token_array(stop_token_ids: Sequence[int] | None, config: HuginnConfig)
 
 @flax.struct.dataclass
 class Stops:
-    """What ends a sequence: stop token ids [K] (padded with NO_TOKEN)."""
+    """What ends a sequence: stop token ids, and stop strings as an automaton over the vocabulary.
+
+    ids [K] (padded with NO_TOKEN); transitions [V + 1, Q] int32 or None: the stop strings' table
+    (`huginn_jax.stop_strings`), read one token at a time from a per-row automaton state [B] that
+    starts at 0 with the first generated token, so only generated text can match. Checking a new
+    token costs one table lookup per row: no host round trip, nothing decoded.
+    """
 
     ids: Array
+    transitions: Array | None = None
 
     def hit(self, tokens: Array) -> Array:
-        """Whether each of tokens [...] is a stop token."""
+        """Whether each of tokens [...] is a stop token (stop strings aside)."""
         return jnp.isin(tokens, self.ids)
+
+    def start(self, batch: int) -> Array:
+        """The automaton state of every row before its first generated token."""
+        return jnp.zeros((batch,), jnp.int32)
+
+    def first_stop(self, state: Array, tokens: Array, counts: Array) -> tuple[Array, Array]:
+        """Reads the first counts[b] of tokens [B, K] of every row in order: (the automaton state
+        after them, the index [B] of the first that ends the sequence (a stop id, or the token
+        that completes a stop string), K where none does)."""
+        width = tokens.shape[1]
+        is_id = jnp.isin(tokens, self.ids) & (jnp.arange(width)[None, :] < counts[:, None])
+        if self.transitions is None:
+            return state, jnp.where(jnp.any(is_id, axis=1), jnp.argmax(is_id, axis=1), width)
+
+        def read(j: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            state, first = carry
+            new_state, hit = advance(self.transitions, state, tokens[:, j])
+            real = (j < counts) & (first == width)
+            first = jnp.where(real & (hit | is_id[:, j]), j, first)
+            return jnp.where(real, new_state, state), first
+
+        return jax.lax.fori_loop(0, jnp.max(counts, initial=0), read, (state, jnp.full(state.shape, width, jnp.int32)))
+
+
+@functools.lru_cache(maxsize=32)
+def _stop_string_table(tokenizer: Any, strings: tuple[str, ...]) -> np.ndarray:
+    """The stop strings' transition table, its states padded to a multiple of 8 (padding states are
+    never reached), so that stop strings of similar length share a compiled program."""
+    table = build_stop_string_table(tokenizer, strings).transitions
+    states = -(-table.shape[1] // 8) * 8
+    padded = np.tile(2 * np.arange(states, dtype=np.int32), (table.shape[0], 1))
+    padded[:, : table.shape[1]] = table
+    return padded
+
+
+def make_stops(config: HuginnConfig, stop_token_ids: Sequence[int] | None, stop_strings: Sequence[str] | None,
+               tokenizer: Any) -> Stops:
+    """The validated stop ids and, with `stop_strings` (which need the `tokenizer`), their table."""
+    ids = jnp.asarray(stop_token_array(stop_token_ids, config))
+    if stop_strings is None or len(stop_strings) == 0:
+        return Stops(ids)
+    strings = check_stop_strings(stop_strings)
+    if tokenizer is None:
+        raise ValueError("stop_strings are matched on the text of the tokens: pass the tokenizer too "
+                         "(tokenizer=load_tokenizer(folder))")
+    if not hasattr(tokenizer, "token_bytes"):
+        raise ValueError(f"tokenizer must be a huginn_jax.tokenizer.Tokenizer (load_tokenizer), got {tokenizer!r}")
+    check_vocab(tokenizer, config)
+    return Stops(ids, jnp.asarray(_stop_string_table(tokenizer, strings)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +186,8 @@ class Setup:
 
 def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens: Any, init_scale: Any,
           sampling: SamplingConfig, stop_token_ids: Sequence[int] | None, key: Any, random: bool,
-          random_why: str, headroom: int = 0) -> Setup:
+          random_why: str, headroom: int = 0, stop_strings: Sequence[str] | None = None,
+          tokenizer: Any = None) -> Setup:
     """Checks the parameters, prompts and options every sampler takes; `random` says whether the
     call draws random numbers (then a key is required; `random_why` names the options that do)."""
     check_params(params, config)
@@ -138,7 +198,7 @@ def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens:
     sampling = sampling.validate()
     prompts, lengths = pack_prompts(input_ids, config)
     check_room(lengths, max_new_tokens, config, headroom)
-    stops = Stops(jnp.asarray(stop_token_array(stop_token_ids, config)))
+    stops = make_stops(config, stop_token_ids, stop_strings, tokenizer)
     if key is None:
         if random or init_scale != 0:
             raise ValueError(f"{random_why if random else 'init_scale > 0'} draws random numbers: pass a PRNG key "
@@ -148,12 +208,19 @@ def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens:
     return Setup(prompts, lengths, keys, stops, sampling, init_scale, max_new_tokens)
 
 
-def make_cache(config: HuginnConfig, params: dict, batch: int, strategy: str, max_steps: int,
-               capacity: int) -> KVCache:
-    """A zeroed cache of `capacity` positions for `strategy` with room for `max_steps` core steps."""
-    check_strategy(strategy)
-    layout = CacheLayout.create(config, strategy, max(max_steps, 1))
-    return KVCache.create(config, layout, batch, min(capacity, config.block_size), params["wte"].dtype)
+def make_cache(config: HuginnConfig, params: dict, batch: int, strategy: str | CacheStrategy, max_steps: int,
+               capacity: int, *, keys: Array | None = None) -> KVCache:
+    """A zeroed cache of `capacity` positions for `strategy` (a `cache_lookup_strategy` name, checked
+    here) with room for `max_steps` core steps; `keys` [B] (`Setup.keys`) are required by the
+    `randomized` lookup, which draws from them (purpose CACHE_LOOKUP), and ignored otherwise."""
+    strategy = CacheStrategy.parse(strategy, config.n_layers_in_recurrent_block)
+    lookup_keys = None
+    if strategy.needs_key:
+        if keys is None:
+            raise ValueError(f"cache_lookup_strategy {strategy.name!r} draws random lookups: pass the sampler's keys")
+        lookup_keys = row_keys(keys, CACHE_LOOKUP)
+    return KVCache.create(config, strategy, max(max_steps, 1), batch, min(capacity, config.block_size),
+                          params["wte"].dtype, lookup_keys)
 
 
 # ---------------------------------------------------------------- randomness and token choice
@@ -243,6 +310,9 @@ class GenerateOutput:
         speed;
       - `core_position_steps`: core steps summed over every position computed (prefill included),
         the arithmetic, which sets the speed on a CPU;
+      - `cache_memory_mb`: MiB of keys and values the cache holds for the sequence at the end (the
+        reference's `past_key_values.get_memory_usage()`), and `cache_allocated_mb`: MiB of the
+        preallocated buffers per sequence (`KVCache.memory`, `KVCache.filled_entries`);
     and the sampler's own (the reference's names where it has them).
     exit_values [B, N, W]: the adaptive sampler's criterion after every step (`record_exit_values`).
     tablets: the diffusion sampler's analysis tablets (`return_analysis_tablets`).

@@ -28,7 +28,7 @@ import numpy as np
 
 from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import FULL, KVCache, attention_views
+from huginn_jax.kv_cache import FULL, CacheStrategy, KVCache, attention_views
 from huginn_jax.model import lm_head, run_block
 from huginn_jax.recurrence import FixedDepth
 from samplers import streaming
@@ -47,6 +47,7 @@ class Draft:
     length: Array  # [B] tokens in seq; the cache holds keys for positions < length - 1
     count: Array  # [B] generated tokens
     done: Array  # [B]
+    stop_state: Array  # [B] the stop strings' automaton state (see `samplers.common.Stops`)
     next_state: Array  # [B, E] where continuous compute starts the next token
     rounds: Array  # [B]
     accepted: Array  # [B, max_rounds] drafted tokens accepted per round (-1: no such round)
@@ -65,7 +66,8 @@ def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, 
                          draft_steps: int = 32, lookahead_for_draft: int = 8, verification_threshold: float = 1.0,
                          num_steps: int | None = None, continuous_compute: bool = False, init_scale: float = 1.0,
                          cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
-                         stop_token_ids: Sequence[int] | None = None, key: Array | None = None,
+                         stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+                         tokenizer: Any = None, key: Array | None = None,
                          streamer: streaming.Streamer | None = None) -> GenerateOutput:
     """Generates with self-speculative decoding; options and defaults as the reference's (the paper's
     tuned setting is draft_steps=4, lookahead_for_draft=4).
@@ -84,19 +86,22 @@ def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, 
     lookahead = validation.integer("lookahead_for_draft", lookahead_for_draft, minimum=1)
     threshold = validation.number("verification_threshold", verification_threshold, above=0.0)
     continuous_compute = validation.boolean("continuous_compute", continuous_compute)
+    strategy = CacheStrategy.parse(cache_lookup_strategy, config.n_layers_in_recurrent_block)
     # The last round may draft and verify up to lookahead - 1 positions past max_new_tokens.
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
-                stop_token_ids=stop_token_ids, key=key, random=sampling.do_sample, random_why="do_sample=True",
-                headroom=lookahead - 1)
-    cache = make_cache(config, params, run.batch, cache_lookup_strategy, max(num_steps, draft_steps),
-                       run.prompts.shape[1] + run.max_new_tokens + lookahead - 1)
+                stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
+                random=sampling.do_sample or strategy.needs_key,
+                random_why="do_sample=True or cache_lookup_strategy='randomized'", headroom=lookahead - 1)
+    cache = make_cache(config, params, run.batch, strategy, max(num_steps, draft_steps),
+                       run.prompts.shape[1] + run.max_new_tokens + lookahead - 1, keys=run.keys)
+    memory = cache.memory()
     depth = (jnp.int32(num_steps), jnp.int32(draft_steps), jnp.float32(threshold))
     with streaming.session(streamer) as number:
-        loop = _generate(params, cache, jnp.asarray(run.prompts), jnp.asarray(run.lengths), depth,
-                         jnp.float32(run.init_scale), run.sampling, run.stops, run.keys, number, config=config,
-                         max_new_tokens=run.max_new_tokens, lookahead=lookahead,
-                         continuous_compute=continuous_compute, stream=streamer is not None)
-        draft = jax.device_get(loop.draft)
+        loop, filled = _generate(params, cache, jnp.asarray(run.prompts), jnp.asarray(run.lengths), depth,
+                                 jnp.float32(run.init_scale), run.sampling, run.stops, run.keys, number,
+                                 config=config, max_new_tokens=run.max_new_tokens, lookahead=lookahead,
+                                 continuous_compute=continuous_compute, stream=streamer is not None)
+        draft, filled = jax.device_get((loop.draft, filled))
     generated = np.asarray(draft.count)
     batch = generated.shape[0]
     tokens = np.full((batch, max(int(generated.max()), 1)), NO_TOKEN, np.int32)
@@ -108,7 +113,8 @@ def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, 
     stats = {"rounds": rounds, "draft_forward_passes": rounds * lookahead, "verify_forward_passes": rounds + 1,
              "accepted_per_round": [draft.accepted[b, : rounds[b]].tolist() for b in range(batch)],
              "sequential_core_steps": num_steps + rounds * per_round,
-             "core_position_steps": num_steps * run.lengths + rounds * lookahead * (draft_steps + num_steps)}
+             "core_position_steps": num_steps * run.lengths + rounds * lookahead * (draft_steps + num_steps),
+             **memory.stats(filled)}
     return GenerateOutput(tokens=tokens, lengths=generated.astype(np.int64), recurrence_steps=steps, stats=stats)
 
 
@@ -117,7 +123,8 @@ def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, 
 def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, depth: tuple[Array, Array, Array],
               init_scale: Array, sampling: SamplingConfig, stops: Stops, keys: Array, stream_number: Array, *,
               config: HuginnConfig, max_new_tokens: int, lookahead: int, continuous_compute: bool,
-              stream: bool) -> Rounds:
+              stream: bool) -> tuple[Rounds, Array]:
+    """The rounds' final carry, and each row's filled cache entries [B]."""
     num_steps, draft_steps, threshold = depth
     batch, prompt_width = prompts.shape
     capacity = cache.capacity
@@ -128,10 +135,12 @@ def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, dept
     prompt, cache = prefill(params, config, cache, prompts, lengths, keys, init_scale, FixedDepth(num_steps))
     first = choose_tokens(row_keys(keys, CHOOSE, lengths), prompt.logits,
                           seen_tokens(prompts, lengths, config.vocab_size), sampling)
-    aborted = streaming.emit(stream, stream_number, first[:, None], jnp.ones((batch,), jnp.int32))
+    one = jnp.ones((batch,), jnp.int32)
+    aborted = streaming.emit(stream, stream_number, first[:, None], one)
+    stop_state, first_stop = stops.first_stop(stops.start(batch), first[:, None], one)
     seq = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_width].set(prompts).at[rows, lengths].set(first)
     draft = Draft(seq=seq, length=lengths + 1, count=jnp.ones_like(lengths),
-                  done=stops.hit(first) | (max_new_tokens <= 1), next_state=prompt.latents,
+                  done=(first_stop == 0) | (max_new_tokens <= 1), stop_state=stop_state, next_state=prompt.latents,
                   rounds=jnp.zeros_like(lengths), accepted=jnp.full((batch, max_new_tokens), -1, jnp.int32))
     offsets = jnp.arange(lookahead)[None, :]
 
@@ -179,17 +188,16 @@ def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, dept
 
         # Stops among the new tokens, then the bookkeeping.
         new_positions = draft.length[:, None] + offsets
-        is_new = offsets < new[:, None]
         new_tokens = jnp.take_along_axis(seq, jnp.minimum(new_positions, capacity - 1), axis=1)
-        hits = stops.hit(new_tokens) & is_new
-        stopped = jnp.any(hits, axis=1)
-        new = jnp.where(stopped, jnp.argmax(hits, axis=1) + 1, new)
+        stop_state, first_stop = stops.first_stop(draft.stop_state, new_tokens, jnp.where(active, new, 0))
+        stopped = first_stop < lookahead
+        new = jnp.where(stopped, first_stop + 1, new)
         new = jnp.minimum(new, max_new_tokens - draft.count)  # never past max_new_tokens
         aborted = carry.aborted | streaming.emit(stream, stream_number, new_tokens, jnp.where(active, new, 0))
         count = draft.count + new
         latest = out.latents[rows, jnp.minimum(new - 1, lookahead - 1)]
-        updated = Draft(seq=seq, length=draft.length + new, count=count,
-                        done=stopped | (count >= max_new_tokens), next_state=latest, rounds=draft.rounds + 1,
+        updated = Draft(seq=seq, length=draft.length + new, count=count, done=stopped | (count >= max_new_tokens),
+                        stop_state=stop_state, next_state=latest, rounds=draft.rounds + 1,
                         accepted=draft.accepted.at[rows, jnp.minimum(draft.rounds, max_new_tokens - 1)].set(accepted))
         return Rounds(keep_rows(active, updated, draft), cache.view(None), aborted)
 
@@ -201,4 +209,5 @@ def _generate(params: dict, cache: KVCache, prompts: Array, lengths: Array, dept
     carry = Rounds(draft, cache, aborted)
     for view in attention_views(capacity):
         carry = jax.lax.while_loop(functools.partial(running, view), functools.partial(one_round, view), carry)
-    return carry
+    # The cache holds the final keys of positions < length - 1 (later ones are drafts or not yet fed).
+    return carry, carry.cache.filled_entries(carry.draft.length - 1)

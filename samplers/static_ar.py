@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from huginn_jax import validation
 from huginn_jax.config import HuginnConfig
-from huginn_jax.kv_cache import FULL
+from huginn_jax.kv_cache import FULL, CacheStrategy
 from huginn_jax.recurrence import FixedDepth
 from samplers import autoregressive
 from samplers.common import GenerateOutput, make_cache, setup
@@ -28,7 +28,8 @@ Array = jax.Array
 def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_new_tokens: int,
                      num_steps: int | None = None, init_scale: float = 1.0, continuous_compute: bool = False,
                      cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
-                     stop_token_ids: Sequence[int] | None = None, key: Array | None = None,
+                     stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+                     tokenizer: Any = None, key: Array | None = None,
                      streamer: Streamer | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per prompt at a fixed recurrence depth.
 
@@ -36,8 +37,10 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     num_steps: core steps per token (default: the config's mean_recurrence).
     init_scale: scale of the random initial state; 0 starts from zeros.
     continuous_compute: start each token's state from the previous token's final latent.
-    cache_lookup_strategy: "full" (a KV slot per step), "latest-m4" (the same with a per-position
-        fallback, identical at a static depth) or "latest-m4-compress-s4" (one slot per core layer).
+    cache_lookup_strategy: a lookup rule ("full": a KV slot per step; at a static depth every rule
+        reads the same keys) optionally followed by a compression rule that shares slots between
+        steps: "latest-m4-compress-s4" (one slot per core layer), "-compress-s16", "-compress-r4",
+        "-compress-anchor", ... (see `huginn_jax.kv_cache`); "randomized" needs a key.
     stop_token_ids: a sequence ends after emitting one of these (None: Huginn's stop tokens).
     key: PRNG key (or one per row, shape [B]), required when init_scale > 0 or when sampling.
     streamer: receives each step's new tokens while decoding runs (see `samplers.streaming`).
@@ -45,10 +48,13 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     num_steps = validation.integer("num_steps", config.mean_recurrence if num_steps is None else num_steps,
                                    minimum=0)
     continuous_compute = validation.boolean("continuous_compute", continuous_compute)
+    strategy = CacheStrategy.parse(cache_lookup_strategy, config.n_layers_in_recurrent_block)
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
-                stop_token_ids=stop_token_ids, key=key, random=sampling.do_sample, random_why="do_sample=True")
-    cache = make_cache(config, params, run.batch, cache_lookup_strategy, num_steps,
-                       run.prompts.shape[1] + run.max_new_tokens)
+                stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
+                random=sampling.do_sample or strategy.needs_key,
+                random_why="do_sample=True or cache_lookup_strategy='randomized'")
+    cache = make_cache(config, params, run.batch, strategy, num_steps, run.prompts.shape[1] + run.max_new_tokens,
+                       keys=run.keys)
     depth = FixedDepth(jnp.int32(num_steps))
     return autoregressive.generate(params, config, run, cache, depth, depth, continuous_compute=continuous_compute,
                                    resume_from_latents=True, streamer=streamer)

@@ -251,7 +251,7 @@ def test_restore_names_arrays_that_do_not_match_the_config(converted, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"core.0.w_down: shape \[128, 64\] but the config needs \[96, 64\]"):
         checkpoint.restore(broken)
-    with pytest.raises(CheckpointError, match="huginn_jax.json is missing"):
+    with pytest.raises(CheckpointError, match="huginn_jax.json and params are missing: not a converted"):
         checkpoint.restore(CHECKPOINT_DIR)
 
 
@@ -371,6 +371,33 @@ def test_nan_and_inf_warn_or_fail_with_strict(tmp_path):
     result = import_checkpoint(str(source), tmp_path / "lenient", progress=False)
     assert result.warnings == ["transformer.core_block.0.mlp.proj.weight: 3 NaN or Inf value(s) of 8192"]
     assert checkpoint.read_description(tmp_path / "lenient")["nonfinite"] == result.warnings
+
+
+def test_finite_weights_beyond_bfloat16_are_found_in_the_values_as_written(tmp_path):
+    """3.4e38 is a finite float32 but rounds to Inf in bfloat16: import to bfloat16 and export to
+    bfloat16 must count what they write, not only what they read."""
+    tensors = fixture_tensors()
+    key = "transformer.core_block.1.attn.proj.weight"
+    tensors[key][2, :2] = [3.4e38, -3.4e38]
+    assert np.isfinite(tensors[key]).all() and np.isinf(tensors[key].astype(ml_dtypes.bfloat16)).sum() == 2
+    expected = [f"{key}: 2 NaN or Inf value(s) of 4096 as written in bfloat16, 2 of them finite in the source but "
+                "beyond the range of bfloat16"]
+    source = write_checkpoint(tmp_path / "src", tensors)
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(str(source), tmp_path / "strict", strict=True, progress=False)
+    assert f"{expected[0]} (--strict)" in str(err.value)
+    assert_nothing_written(tmp_path / "strict")
+    result = import_checkpoint(str(source), tmp_path / "bf16", progress=False)
+    assert result.warnings == expected
+    assert checkpoint.read_description(tmp_path / "bf16")["nonfinite"] == expected
+    assert np.isinf(all_params(tmp_path / "bf16")["core"][1]["wo"].astype(np.float32)).sum() == 2
+    assert not import_checkpoint(str(source), tmp_path / "f32", dtype="float32", progress=False).warnings
+    with pytest.raises(CheckpointError) as err:
+        export_checkpoint(tmp_path / "f32", tmp_path / "hf", dtype="bfloat16", strict=True, progress=False)
+    assert f"{expected[0]} (--strict)" in str(err.value)
+    assert_nothing_written(tmp_path / "hf")
+    assert export_checkpoint(tmp_path / "f32", tmp_path / "hf", dtype="bfloat16", progress=False).warnings == expected
+    assert np.isinf(hf_tensors(tmp_path / "hf")[key].astype(np.float32)).sum() == 2
 
 
 def test_existing_output_is_kept_unless_overwrite(converted, tmp_path):
