@@ -6,10 +6,18 @@ measured side by side in one run: every sampler against static AR, and, with `--
 huginn-jax against the official PyTorch implementation on the same weights, prompt and options.
 
     python -m experiments.benchmark --profile=cpu
+    python -m experiments.benchmark --profile=cpu --samplers=ar,adaptive --cache_lookup_strategy=full,skip,...
+    python -m experiments.benchmark --profile=huginn-0125 --cache_table --cache_lookup_strategy=full,...
     python -m experiments.benchmark --profile=cpu --samplers=ar,adaptive,diffusion --reference_dir=.../recpre
     python -m experiments.benchmark --profile=cpu --samplers=diffusion --batch=1,4,16
     python -m experiments.benchmark --profile=cpu --samplers=ar,speculative --draft_steps=4 --lookahead_for_draft=4
     python -m experiments.benchmark --profile=huginn-0125 --samplers=ar,diffusion --diffusion_preset=paper-main
+    python -m experiments.benchmark --profile=huginn-0125 --batch=32 --mesh=2,4      # 8 devices: data 2 x model 4
+    python -m experiments.benchmark ... --distributed --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+With --mesh the sampler runs on a device mesh (`huginn_jax.sharding`); with --distributed every
+process times its share of each batch on its own devices, and process 0 reports the whole batch
+(tokens/s over the slowest process's time).
 
 Random weights do not converge, so on them the latent freeze rules decide little: the default
 diffusion setting freezes at a fixed age (`--freeze_strategy=fixed`, r'=4, no noise, no momentum,
@@ -31,10 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.common import pyplot, quiet_jax_logs
+from experiments.common import define_device_flags, pyplot, quiet_jax_logs, start_devices
+from huginn_jax import cli, distributed, sharding
 from huginn_jax.config import CPU_BENCHMARK, HUGINN_0125, TINY, HuginnConfig
+from huginn_jax.kv_cache import CacheStrategy, cache_bytes_per_token, entry_bytes
 from huginn_jax.params import init_params
-from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
+from samplers import (GenerateOutput, generate_diffusion_style, generate_minimal, generate_speculative,
+                      generate_with_adaptive_compute)
 from samplers.diffusion import PRESETS as DIFFUSION_PRESETS
 
 
@@ -88,6 +99,11 @@ flags.DEFINE_string("reference_dir", None, "Folder with the official raven_model
 flags.DEFINE_integer("reference_repeats", 2, "Timed calls of the reference per measurement.")
 flags.DEFINE_string("output", None, "Also append the JSON lines to this file.")
 flags.DEFINE_string("plot", None, "Write a bar chart of tokens/s to this PNG file (needs matplotlib).")
+flags.DEFINE_bool("cache_table", False, "Print a Markdown table of the KV cache's bytes per token and for "
+                  "--cache_table_tokens tokens under each --cache_lookup_strategy, for the profile's model, dtype and "
+                  "num_steps (computed from the config; nothing runs), and exit.")
+flags.DEFINE_integer("cache_table_tokens", 4096, "Text length of the --cache_table column.")
+define_device_flags()
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]:
@@ -105,6 +121,8 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]
 
 
 def emit(record: dict) -> None:
+    if not distributed.is_chief():
+        return
     line = json.dumps(record)
     print(line, flush=True)
     if FLAGS.output:
@@ -156,7 +174,8 @@ def plot(records: list[dict], path: str) -> None:
         raise app.UsageError("--plot needs matplotlib: pip install 'huginn-jax[plots]'") from None
     rows = [r for r in records if "tokens_per_s" in r]
     short = {"full": "full cache", "latest-m4": "latest-m4", "latest-m4-compress-s4": "shared cache"}
-    labels = [f"{r['implementation'].split()[0]}\n{r['sampler']} b{r['batch']}\n{short[r['cache_lookup_strategy']]}"
+    labels = [f"{r['implementation'].split()[0]}\n{r['sampler']} b{r['batch']}\n"
+              f"{short.get(r['cache_lookup_strategy'], r['cache_lookup_strategy'])}"
               for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     colors = ["tab:blue" if r["implementation"] == "huginn-jax" else "tab:gray" for r in rows]
@@ -168,9 +187,34 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def cache_table(config: HuginnConfig, strategies: list[str], num_steps: int, dtype: Any, tokens: int) -> str:
+    """Markdown: each strategy's cache bytes per token and for `tokens` tokens at static depth
+    `num_steps` (every slot of every position filled; `kv_cache.cache_bytes_per_token`)."""
+    full = cache_bytes_per_token(config, "full", num_steps, dtype)
+    lines = [f"| cache_lookup_strategy | slots per token | MB per token | GB for {tokens} tokens | vs full |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in strategies:
+        per_token = cache_bytes_per_token(config, CacheStrategy.parse(name, config.n_layers_in_recurrent_block),
+                                          num_steps, dtype)
+        slots = per_token // entry_bytes(config, dtype)  # layer applications stored per token
+        lines.append(f"| `{name}` | {slots} | {per_token / 1e6:.3f} | {per_token * tokens / 1e9:.2f} | "
+                     f"{per_token / full:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
     quiet_jax_logs()
+    if FLAGS.cache_table:
+        profile = PROFILES[FLAGS.profile]
+        config = HuginnConfig.from_hf_json(FLAGS.config_json) if FLAGS.config_json else profile.config
+        try:
+            print(cache_table(config, FLAGS.cache_lookup_strategy, FLAGS.num_steps or profile.num_steps,
+                              profile.dtype, FLAGS.cache_table_tokens))
+        except ValueError as err:
+            raise cli.UsageError(f"--cache_lookup_strategy: {err}") from None
+        return
+    mesh = start_devices()
     profile = PROFILES[FLAGS.profile]
     config = HuginnConfig.from_hf_json(FLAGS.config_json) if FLAGS.config_json else profile.config
     num_steps = FLAGS.num_steps or profile.num_steps
@@ -181,13 +225,18 @@ def main(argv: list[str]) -> None:
 
     logging.info("initialising %s parameters (%s)", FLAGS.profile, jnp.dtype(profile.dtype).name)
     params = init_params(config, jax.random.key(FLAGS.seed), profile.dtype)
-    rng = np.random.default_rng(FLAGS.seed)
     reference = None
-    if FLAGS.reference_dir:
+    if FLAGS.reference_dir and distributed.is_chief():
         from experiments.reference_model import reference_model
 
         reference = reference_model(FLAGS.reference_dir, config, params)
+    rng = np.random.default_rng(FLAGS.seed)
+    if mesh is not None:  # placed once: every call then finds the parameters in place
+        config, params = sharding.shard_params(params, config, mesh)
     device = f"{jax.devices()[0].device_kind} ({platform.machine()}, {jax.device_count()} device(s))"
+    if mesh is not None or jax.process_count() > 1:
+        device += (f", mesh {dict(mesh.shape)}" if mesh is not None else "") + \
+            (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
     prompts = {b: rng.integers(0, config.vocab_size, (b, profile.prompt_tokens), dtype=np.int32)
                for b in (int(b) for b in FLAGS.batch)}
 
@@ -198,16 +247,24 @@ def main(argv: list[str]) -> None:
             for sampler in FLAGS.samplers:
                 for options in sampler_options(sampler, num_steps):
                     logging.info("%s: batch %d, %d new tokens, %s", sampler, batch, new_tokens, options)
+                    rows = prompt[distributed.share(batch)]  # all of it, but in a multi-process run
                     seconds, out = timed(
-                        lambda: SAMPLERS[sampler](params, prompt, config=config, max_new_tokens=new_tokens,
-                                                  init_scale=0.0, stop_token_ids=(), **options),
-                        FLAGS.warmup, FLAGS.repeats)
+                        lambda: SAMPLERS[sampler](params, rows, config=config, max_new_tokens=new_tokens,
+                                                  init_scale=0.0, stop_token_ids=(), key=jax.random.key(FLAGS.seed),
+                                                  mesh=mesh, **options),
+                        FLAGS.warmup, FLAGS.repeats) if len(rows) else (0.0, None)
+                    shares = distributed.gather((seconds, out))
+                    seconds = max(s for s, _ in shares)
+                    out = GenerateOutput.concatenate([o for _, o in shares])
                     record = dict(sampler=sampler, implementation="huginn-jax", profile=FLAGS.profile, batch=batch,
                                   prompt_tokens=profile.prompt_tokens, new_tokens=new_tokens,
                                   seconds=round(seconds, 4), tokens_per_s=round(batch * new_tokens / seconds, 3),
                                   dtype=jnp.dtype(profile.dtype).name, init_scale=0.0, device=device, **options)
                     record["mean_recurrence"] = round(float(out.recurrence_steps[out.tokens >= 0].mean()), 2)
                     stats = getattr(out, "stats", {})
+                    for name in ("cache_memory_mb", "cache_allocated_mb"):  # per sequence, averaged over the batch
+                        if name in stats:
+                            record[name] = round(float(np.mean(stats[name])), 4)
                     if "diffusion_steps" in stats:
                         record["diffusion_steps"] = int(np.asarray(stats["diffusion_steps"]).max())
                     if "accepted_per_round" in stats:
@@ -238,9 +295,9 @@ def main(argv: list[str]) -> None:
                                   ratio=round(ref_seconds / seconds, 2),
                                   identical_leading_tokens=f"{leading_agreement(ref_tokens[0], out.tokens[0])}"
                                                            f"/{new_tokens}"))
-    if FLAGS.plot:
+    if FLAGS.plot and distributed.is_chief():
         plot(records, FLAGS.plot)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

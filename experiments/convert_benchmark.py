@@ -138,7 +138,8 @@ def main(argv: list[str]) -> None:
             "checkpoint_bytes": checkpoint_bytes, "synthesis_s": round(time.perf_counter() - start, 1),
             "targets": {"peak_rss_over_checkpoint": MEMORY_TARGET, "wall_s": TIME_TARGET_S},
         }
-        steps = {"import": ["import", f"--source={work / 'hf'}", f"--output={work / 'orbax'}", f"--dtype={FLAGS.dtype}"]}
+        steps = {"import": ["import", f"--source={work / 'hf'}", f"--output={work / 'orbax'}",
+                            f"--dtype={FLAGS.dtype}"]}
         if FLAGS.export:
             steps["export"] = ["export", f"--source={work / 'orbax'}", f"--output={work / 'hf_out'}"]
         for name, args in steps.items():

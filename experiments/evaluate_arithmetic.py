@@ -15,12 +15,9 @@ Three measurements on a trained model (default: the embedded one), written under
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -29,8 +26,8 @@ from tqdm import tqdm
 
 from experiments.common import load_task_model, pyplot, quiet_jax_logs
 from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, demo_problem, heldout_problems, score
-from samplers import generate_diffusion_style, generate_minimal, generate_speculative, generate_with_adaptive_compute
-from samplers.common import PROMPT_BUCKET
+from samplers import generate_diffusion_style, generate_minimal
+from samplers.arithmetic_table import ROW_NAMES, sampler_table, table_rows
 from samplers.diffusion import PRESETS
 
 FLAGS = flags.FLAGS
@@ -38,33 +35,11 @@ flags.DEFINE_string("checkpoint", str(EMBEDDED_MODEL), "A converted checkpoint f
 flags.DEFINE_integer("problems", 1000, "Held-out problems to evaluate (the first N of the fixed split).")
 flags.DEFINE_list("recurrences", ["1", "2", "4", "8", "16", "32", "64"], "r of the accuracy-vs-r sweep.")
 flags.DEFINE_list("table", ["ar", "adaptive", "diffusion-main", "diffusion-fast", "speculative"],
-                  "Rows of the sampler table (see ROWS).")
+                  f"Rows of the sampler table: {', '.join(ROW_NAMES)}.")
 flags.DEFINE_integer("num_steps", 32, "Recurrence of static AR, the adaptive cap, the verifier and diffusion prefill.")
 flags.DEFINE_integer("max_new_tokens", 10, "Generation budget (the longest answer plus its end token is 9).")
 flags.DEFINE_integer("seed", 0, "Seed of the random initial states.")
 flags.DEFINE_string("output_dir", "benchmarks", "Where the JSON results and plots go.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    label: str
-    sampler: Callable[..., Any]
-    options: dict[str, Any]
-
-
-def table_rows(num_steps: int) -> dict[str, Row]:
-    """The paper's Table 1 settings (arXiv 2510.14961), each sampler with its default cache."""
-    return {
-        "ar": Row(f"static AR r={num_steps}", generate_minimal, {}),
-        "adaptive": Row("adaptive AR (latent-diff 0.03)", generate_with_adaptive_compute,
-                        dict(criterion="latent-diff", exit_threshold=0.03)),
-        "diffusion-main": Row("diffusion, paper-main (r'=4, beta=0)", generate_diffusion_style,
-                              dict(PRESETS["paper-main"])),
-        "diffusion-fast": Row("diffusion, paper-fast (r'=2, beta=0.5)", generate_diffusion_style,
-                              dict(PRESETS["paper-fast"])),
-        "speculative": Row("self-speculative (4 draft steps x 4 tokens)", generate_speculative,
-                           dict(draft_steps=4, lookahead_for_draft=4, verification_threshold=1.0)),
-    }
 
 
 def accuracy_vs_r(params, config, tokenizer, problems, recurrences: list[int], key) -> list[dict]:
@@ -78,50 +53,6 @@ def accuracy_vs_r(params, config, tokenizer, problems, recurrences: list[int], k
         results.append({"r": r, "accuracy": float(np.mean(correct)), "problems": len(problems)})
         logging.info("r=%d: accuracy %.4f", r, results[-1]["accuracy"])
     return results
-
-
-def sampler_table(params, config, tokenizer, problems, rows: dict[str, Row]) -> list[dict]:
-    """Every problem at batch 1 through every row in turn; the first problem of each prompt length
-    bucket is run once untimed first, so that no timing includes compilation."""
-    common = dict(config=config, max_new_tokens=FLAGS.max_new_tokens, num_steps=FLAGS.num_steps,
-                  stop_token_ids=[tokenizer.end_id])
-    stats = {name: dict(seconds=0.0, tokens=0, core_steps=0, correct=0, position_steps=0) for name in rows}
-    warmed: set[tuple[str, int]] = set()
-    for index, problem in enumerate(tqdm(problems, desc="sampler table", unit="problem")):
-        prompt = [tokenizer.encode_prompt(problem)]
-        key = jax.random.key(FLAGS.seed * 1_000_003 + index)
-        for name, row in rows.items():
-            run = lambda: row.sampler(params, prompt, key=key, **common, **row.options)  # noqa: E731
-            bucket = (name, -(-len(prompt[0]) // PROMPT_BUCKET))  # prompts are padded to these buckets
-            if bucket not in warmed:
-                run()
-                warmed.add(bucket)
-            start = time.perf_counter()
-            out = run()
-            stats[name]["seconds"] += time.perf_counter() - start
-            stats[name]["tokens"] += int(out.lengths[0])
-            stats[name]["core_steps"] += int(out.recurrence_steps[0].sum())
-            stats[name]["correct"] += score(tokenizer.decode(out.sequences()[0]), problem)
-            # the core's arithmetic: positions times steps (the diffusion sampler refines its whole wavefront)
-            forwarded = getattr(out, "stats", {}).get("num_tokens_forward")
-            # (its statistic counts the prefill as one pass over the prompt, which decodes the first token at
-            # num_steps, as AR does)
-            stats[name]["position_steps"] += (int(forwarded[0]) - len(prompt[0]) + FLAGS.num_steps
-                                              if forwarded is not None
-                                              else int(out.recurrence_steps[0].sum()))
-    table = []
-    for name, s in stats.items():
-        table.append({"row": name, "label": rows[name].label, "options": rows[name].options,
-                      "accuracy": s["correct"] / len(problems), "tokens_per_second": s["tokens"] / s["seconds"],
-                      "mean_recurrence_per_token": s["core_steps"] / s["tokens"],
-                      "core_position_steps_per_token": s["position_steps"] / s["tokens"], "tokens": s["tokens"],
-                      "seconds": s["seconds"], "problems": len(problems)})
-    if "ar" in stats:
-        base = next(t for t in table if t["row"] == "ar")
-        for t in table:
-            t["speedup_vs_ar"] = t["tokens_per_second"] / base["tokens_per_second"]
-            t["accuracy_vs_ar_points"] = 100 * (t["accuracy"] - base["accuracy"])
-    return table
 
 
 def plot_accuracy_vs_r(results: list[dict], path: Path, trained_mean: int) -> None:
@@ -185,7 +116,8 @@ def main(argv: list[str]) -> None:
 
     sweep = accuracy_vs_r(params, config, tokenizer, problems, [int(r) for r in FLAGS.recurrences],
                           jax.random.key(FLAGS.seed))
-    table = sampler_table(params, config, tokenizer, problems, {name: rows[name] for name in FLAGS.table})
+    table = sampler_table(params, config, tokenizer, problems, {name: rows[name] for name in FLAGS.table},
+                          max_new_tokens=FLAGS.max_new_tokens, num_steps=FLAGS.num_steps, seed=FLAGS.seed)
     example = demo_problem()
     prompt = [tokenizer.encode_prompt(example)]
     tablet_run = generate_diffusion_style(params, prompt, config=config, max_new_tokens=FLAGS.max_new_tokens,
@@ -208,7 +140,7 @@ def main(argv: list[str]) -> None:
 
     print(f"\nheld-out accuracy vs r ({len(problems)} problems, greedy static AR, {device}):")
     print(" | ".join(f"r={r['r']}: {100 * r['accuracy']:.1f}%" for r in sweep))
-    print(f"\n| sampler | accuracy | tokens/s | vs AR | mean recurrence/token | core position-steps/token |\n"
+    print("\n| sampler | accuracy | tokens/s | vs AR | mean recurrence/token | core position-steps/token |\n"
           "|---|---|---|---|---|---|")
     for t in table:
         print(f"| {t['label']} | {100 * t['accuracy']:.1f}% | {t['tokens_per_second']:.1f} | "

@@ -14,10 +14,18 @@ generated, with any sampler by the reference's option names:
     python -m experiments.generate --checkpoint=ckpt/huginn-0125 --chat --system="You are terse." \\
         --prompt="What is 7 x 8?" --sampler=diffusion --gen_kwargs="num_steps=32,inner_recurrence=4,exit_t=0.03"
     python -m experiments.generate --checkpoint=DIR --prompt_ids=1,2,3     # token ids in, token ids out
+
+Many prompts at once (one per line; text, or comma-separated token ids), on a mesh of devices,
+and across hosts (each process samples its share of the prompts; process 0 prints and writes):
+
+    python -m experiments.generate --checkpoint=DIR --prompts_file=prompts.txt --output=out.jsonl --mesh=1,8
+    python -m experiments.generate --checkpoint=DIR --prompt_ids_file=ids.txt --output=out.jsonl --mesh=2,4 \
+        --distributed --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0   # on each host
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -28,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.common import load_task_model, quiet_jax_logs
-from huginn_jax import cli
+from experiments.common import define_device_flags, load_task_model, quiet_jax_logs, start_devices
+from huginn_jax import cli, distributed
 from huginn_jax.pretrained import load_model, load_model_and_tokenizer
 from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, MAX_DIGITS, Problem, demo_problem, reverse_digits, score
-from samplers import SamplingConfig, generate, generate_diffusion_style, generate_minimal
+from samplers import GenerateOutput, SamplingConfig, generate, generate_diffusion_style, generate_minimal
 from samplers.diffusion import PRESETS
 from samplers.dispatch import SHORT_NAMES, parse_gen_kwargs, with_sampling
 from samplers.text import TextStreamer, chat, complete, summary_line
@@ -50,6 +58,13 @@ flags.DEFINE_list("stop_strings", [], "Text generation ends once the generated t
 flags.DEFINE_string("problem", None, "An addition 'a+b' in ordinary notation, for the embedded arithmetic model "
                     "(default: a held-out problem with a long answer).")
 flags.DEFINE_list("prompt_ids", None, "Prompt token ids (any checkpoint, tokens out).")
+flags.DEFINE_string("prompts_file", None, "Text prompts, one per line, generated as one batch (with --chat, each line "
+                    "is the user's message); needs a checkpoint with a tokenizer.")
+flags.DEFINE_string("prompt_ids_file", None, "Prompts as comma-separated token ids, one per line, generated as one "
+                    "batch (any checkpoint).")
+flags.DEFINE_string("output", None, "With --prompts_file or --prompt_ids_file: also write one JSON line per prompt "
+                    "(prompt, generated ids, text) to this file.")
+define_device_flags()
 flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: 10 for arithmetic, 256 for text).")
 flags.DEFINE_integer("num_steps", 32, "Recurrence steps per token (static AR; the diffusion prefill).")
 flags.DEFINE_multi_enum("samplers", ["ar", "diffusion"], ["ar", "diffusion"],
@@ -107,27 +122,100 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
+    batch_files = [name for name in ("prompts_file", "prompt_ids_file") if FLAGS[name].value is not None]
+    if len(batch_files) > 1 or (batch_files and (FLAGS.prompt is not None or FLAGS.prompt_ids or FLAGS.problem)):
+        raise cli.UsageError(f"--{batch_files[0]} is one way to give prompts; it cannot be combined with "
+                             "--prompt_ids_file, --prompt, --prompt_ids or --problem")
+    if not batch_files and FLAGS.distributed:
+        raise cli.UsageError("--distributed splits a batch of prompts across processes: pass --prompts_file or "
+                             "--prompt_ids_file")
+    if not batch_files and FLAGS.output:
+        raise cli.UsageError("--output writes the results of --prompts_file or --prompt_ids_file")
+    mesh = start_devices()
+    if batch_files:
+        return batch_job(mesh)
     if FLAGS.problem is not None and (FLAGS.prompt is not None or FLAGS.prompt_ids):
         raise cli.UsageError("--problem is for the embedded arithmetic model; it cannot be combined with --prompt "
                              "or --prompt_ids")
     if FLAGS.prompt is not None:
-        return text_job()
+        return text_job(mesh)
     if FLAGS.chat:
         raise cli.UsageError("--chat needs --prompt (the user's message); for a conversation use experiments.chat")
     if FLAGS.prompt_ids is not None:
-        return ids_job(parse_prompt_ids(FLAGS.prompt_ids))
-    return arithmetic_job()
+        return ids_job(parse_prompt_ids(FLAGS.prompt_ids), mesh)
+    return arithmetic_job(mesh)
 
 
-def text_job() -> None:
-    """Streams the continuation of --prompt (or the chat reply) and ends with one line of statistics."""
-    if not FLAGS.prompt.strip():
-        raise cli.UsageError("--prompt is empty")
-    config, params, tokenizer = load_model_and_tokenizer(FLAGS.checkpoint, FLAGS.dtype)
+def sampler_options(mesh: Any) -> dict[str, Any]:
+    """The sampler options of the flags: --gen_kwargs, the sampling flags, depth, init scale, key, mesh."""
     options = with_sampling(parse_gen_kwargs(FLAGS.gen_kwargs), sampling_config())
     options.setdefault("num_steps", FLAGS.num_steps)
     options.setdefault("init_scale", FLAGS.init_scale)
     options.setdefault("key", jax.random.key(FLAGS.seed))
+    return {**options, "mesh": mesh}
+
+
+def read_lines(flag: str) -> list[str]:
+    path = Path(FLAGS[flag].value)
+    try:
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    except OSError as err:
+        raise cli.UsageError(f"--{flag}={path}: cannot be read ({err.strerror})") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise cli.UsageError(f"--{flag}={path} holds no prompts (one per line)")
+    return lines
+
+
+def batch_job(mesh: Any) -> None:
+    """Every prompt of a file as one batch; with --distributed, each process samples its share and
+    process 0 prints (and writes) all of them, in the file's order."""
+    texts = FLAGS.prompts_file is not None
+    lines = read_lines("prompts_file" if texts else "prompt_ids_file")
+    prompts: list[Any] = lines if texts else [parse_prompt_ids(line.split(",")) for line in lines]
+    mine = distributed.share(len(prompts))
+    max_new_tokens = FLAGS.max_new_tokens or (256 if texts else 10)
+    options = sampler_options(mesh)
+    result = None
+    if texts:
+        if FLAGS.system and not FLAGS.chat:
+            raise cli.UsageError("--system needs --chat")
+        config, params, tokenizer = load_model_and_tokenizer(FLAGS.checkpoint, FLAGS.dtype)
+        if prompts[mine]:
+            run = chat if FLAGS.chat else complete
+            system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+            given = [system + [{"role": "user", "content": p}] for p in prompts[mine]] if FLAGS.chat else prompts[mine]
+            out = run(params, tokenizer, given, config=config, max_new_tokens=max_new_tokens,
+                      stop_strings=FLAGS.stop_strings, sampler=FLAGS.sampler, **options)
+            result = (out.texts, out.output)
+    else:
+        if FLAGS.chat or FLAGS.system:
+            raise cli.UsageError("--chat and --system take text prompts (--prompts_file)")
+        config, params = load_model(FLAGS.checkpoint, FLAGS.dtype)
+        if prompts[mine]:
+            result = ([None] * len(prompts[mine]), generate(params, prompts[mine], config=config, sampler=FLAGS.sampler,
+                                                            max_new_tokens=max_new_tokens, **options))
+    shares = [share for share in distributed.gather(result) if share is not None]
+    if not distributed.is_chief():
+        return
+    completions = [text for share in shares for text in share[0]]
+    out = GenerateOutput.concatenate([share[1] for share in shares])
+    records = []
+    for i, (prompt, completion, ids) in enumerate(zip(prompts, completions, out.sequences())):
+        print(f"[{i}] {prompt!r} -> {completion!r}" if texts else f"[{i}] {prompt} -> {ids}")
+        records.append({"prompt": prompt, "generated_ids": ids, **({"completion": completion} if texts else {})})
+    print(f"{len(prompts)} prompts, {int(out.lengths.sum())} tokens, sampler {FLAGS.sampler}"
+          + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    if FLAGS.output:
+        Path(FLAGS.output).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def text_job(mesh: Any) -> None:
+    """Streams the continuation of --prompt (or the chat reply) and ends with one line of statistics."""
+    if not FLAGS.prompt.strip():
+        raise cli.UsageError("--prompt is empty")
+    config, params, tokenizer = load_model_and_tokenizer(FLAGS.checkpoint, FLAGS.dtype)
+    options = sampler_options(mesh)
     max_new_tokens = FLAGS.max_new_tokens or 256
     first_token: list[float] = []
     streamer = TextStreamer(tokenizer, stop_strings=FLAGS.stop_strings)
@@ -156,13 +244,10 @@ def text_job() -> None:
     print(MEANING)
 
 
-def ids_job(prompt: list[int]) -> None:
+def ids_job(prompt: list[int], mesh: Any) -> None:
     """Token ids in, token ids out, for any checkpoint."""
     config, params = load_model(FLAGS.checkpoint, FLAGS.dtype)
-    options = with_sampling(parse_gen_kwargs(FLAGS.gen_kwargs), sampling_config())
-    options.setdefault("num_steps", FLAGS.num_steps)
-    options.setdefault("init_scale", FLAGS.init_scale)
-    options.setdefault("key", jax.random.key(FLAGS.seed))
+    options = sampler_options(mesh)
     print(f"prompt ids: {prompt}")
     out, took = timed(lambda: generate(params, [prompt], config=config, sampler=FLAGS.sampler,
                                        max_new_tokens=FLAGS.max_new_tokens or 10, **options))
@@ -170,7 +255,7 @@ def ids_job(prompt: list[int]) -> None:
     print(summary_line(out, 0, took, None))
 
 
-def arithmetic_job() -> None:
+def arithmetic_job(mesh: Any) -> None:
     """The main job: the embedded (or another arithmetic) model answers a problem, samplers side by side."""
     if not (Path(FLAGS.checkpoint) / "tokenizer.json").exists():
         load_model(FLAGS.checkpoint)  # a clear error for a folder that is no checkpoint
@@ -186,7 +271,7 @@ def arithmetic_job() -> None:
     print(f"prompt ids: {prompt}")
     common = dict(config=config, max_new_tokens=FLAGS.max_new_tokens or 10, num_steps=FLAGS.num_steps,
                   init_scale=FLAGS.init_scale, stop_token_ids=[tokenizer.end_id], key=jax.random.key(FLAGS.seed),
-                  sampling=sampling_config())
+                  sampling=sampling_config(), mesh=mesh)
     samplers = {"ar": (f"static AR, r={FLAGS.num_steps}", lambda: generate_minimal(params, [prompt], **common)),
                 "diffusion": (f"diffusion forcing, {FLAGS.diffusion_preset}", lambda: generate_diffusion_style(
                     params, [prompt], **common, **PRESETS[FLAGS.diffusion_preset]))}
@@ -210,8 +295,11 @@ def arithmetic_job() -> None:
         shown = f"{digits!r} = {reverse_digits(int(digits)) if digits.isdigit() else '?'}: {verdict}"
         sequential = float(out.stats["sequential_core_steps"][0]) / max(len(tokens), 1)
         total = float(out.stats["core_position_steps"][0]) / max(len(tokens), 1)
+        memory = (f"{float(out.stats['cache_memory_mb'][0]):.3f} MiB filled of "
+                  f"{float(out.stats['cache_allocated_mb'][0]):.3f} MiB allocated")
         print(f"{name:>32}: {shown}\n{'':>32}  {len(tokens)} tokens, {speed:.1f} tokens/s ({speed / base:.2f}x), "
-              f"{sequential:.1f} sequential core steps per token, {total:.1f} core position-steps per token")
+              f"{sequential:.1f} sequential core steps per token, {total:.1f} core position-steps per token, "
+              f"KV cache {memory}")
     print(f"({jax.devices()[0].platform}, batch 1, median of {FLAGS.repeats} runs after compilation)")
     print(MEANING)
 

@@ -10,7 +10,12 @@ A case that cannot run (options a sampler does not take, a strategy it does not 
 fails and says why; nothing is skipped. Ends with `reference_check: P/N cases pass` over all
 fixtures and exits non-zero unless all pass.
 
+With `--mesh=DATA,MODEL` every case runs on a device mesh (`huginn_jax.sharding`: rows over DATA
+devices, heads, MLP and vocabulary over MODEL, heads padded where MODEL does not divide them),
+each prompt repeated once per DATA group, and every row must match the reference:
+
     python -m experiments.reference_check [--fixture_dir DIR[,DIR...]] [--checkpoint DIR]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.reference_check --mesh=2,4
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.common import DEFAULT_FIXTURE, load_checkpoint, quiet_jax_logs
-from huginn_jax import cli
+from experiments.common import DEFAULT_FIXTURE, quiet_jax_logs
+from huginn_jax import cli, sharding
 from huginn_jax.config import HuginnConfig
+from huginn_jax.pretrained import load_model
 from huginn_jax.model import forward
 from samplers import generate
 
@@ -42,6 +48,8 @@ flags.DEFINE_list("fixture_dir", [str(DEFAULT_FIXTURE), str(CACHE_FIXTURE)],
 flags.DEFINE_string("checkpoint", None, "Parameters to check instead of the fixture's checkpoint/: a Hugging "
                     "Face folder or a converted (python -m convert) checkpoint, read as float32.")
 flags.DEFINE_float("rtol", 1e-5, "Largest allowed relative error of forward logits and latents.")
+flags.DEFINE_string("mesh", "", "DATA,MODEL: run every case on a mesh of DATA x MODEL devices (e.g. 2,4), each "
+                    "prompt repeated DATA times; empty: one device.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +72,7 @@ def load_fixture(fixture_dir: str | os.PathLike[str] = DEFAULT_FIXTURE,
     """The fixture's cases and arrays, with the parameters of `checkpoint` (default: its own)."""
     fixture_dir = Path(fixture_dir)
     checkpoint = checkpoint or fixture_dir / "checkpoint"
-    config, params = load_checkpoint(checkpoint, jnp.float32)
+    config, params = load_model(checkpoint, jnp.float32)
     with open(fixture_dir / "cases.json", encoding="utf-8") as f:
         cases = json.load(f)["cases"]
     return Fixture(config, params, np.load(fixture_dir / "arrays.npz"), cases)
@@ -78,33 +86,49 @@ def relative_error(ours: Any, reference: np.ndarray) -> float:
     return float(np.abs(np.asarray(ours, np.float64) - reference).max() / np.abs(reference).max())
 
 
-def run_forward_case(fixture: Fixture, case: dict, rtol: float) -> CaseResult:
-    ids = fixture.arrays[case["input_ids"]]
+def repeats(mesh: Any) -> int:
+    """Copies of each prompt: one per group of rows of the mesh (1 without a mesh)."""
+    return 1 if mesh is None else sharding.axis_size(mesh, sharding.default_rules(mesh), "batch")
+
+
+def tiled(array: np.ndarray, mesh: Any) -> np.ndarray:
+    """The rows of `array` repeated once per group of rows of the mesh."""
+    return np.concatenate([np.asarray(array)] * repeats(mesh))
+
+
+def run_forward_case(fixture: Fixture, case: dict, rtol: float, mesh: Any = None) -> CaseResult:
+    ids = tiled(fixture.arrays[case["input_ids"]], mesh)
     prefix = case["input_ids"].removesuffix("_input_ids")
     errors = {}
     for steps in case["steps"]:
-        out = forward(fixture.params, ids, steps, config=fixture.config, init_scale=case["init_scale"])
-        errors[f"logits@{steps}"] = relative_error(out.logits, fixture.arrays[f"{prefix}_steps{steps}_logits"])
-        errors[f"latents@{steps}"] = relative_error(out.latents, fixture.arrays[f"{prefix}_steps{steps}_latents"])
+        out = forward(fixture.params, ids, steps, config=fixture.config, init_scale=case["init_scale"], mesh=mesh)
+        errors[f"logits@{steps}"] = relative_error(out.logits, tiled(fixture.arrays[f"{prefix}_steps{steps}_logits"],
+                                                                     mesh))
+        errors[f"latents@{steps}"] = relative_error(out.latents, tiled(
+            fixture.arrays[f"{prefix}_steps{steps}_latents"], mesh))
     from_state = case.get("from_state")
     if from_state:
-        states = jnp.asarray(fixture.arrays[from_state["input_states"]])
-        out = forward(fixture.params, ids, from_state["steps"], config=fixture.config, input_states=states)
+        states = jnp.asarray(tiled(fixture.arrays[from_state["input_states"]], mesh))
+        out = forward(fixture.params, ids, from_state["steps"], config=fixture.config, input_states=states, mesh=mesh)
         key = f"{prefix}_from_state_steps{from_state['steps']}_logits"
-        errors[f"from_state@{from_state['steps']}"] = relative_error(out.logits, fixture.arrays[key])
+        errors[f"from_state@{from_state['steps']}"] = relative_error(out.logits, tiled(fixture.arrays[key], mesh))
     worst = max(errors, key=errors.get)
     return CaseResult(case_name(case), errors[worst] <= rtol,
                       f"{len(errors)} arrays, largest relative error {errors[worst]:.2e} ({worst}), rtol {rtol:.0e}")
 
 
-def run_generate_case(fixture: Fixture, case: dict) -> CaseResult:
+def run_generate_case(fixture: Fixture, case: dict, mesh: Any = None) -> CaseResult:
     name = case_name(case)
-    prompt = fixture.arrays[case["prompt"]]
+    prompt = tiled(fixture.arrays[case["prompt"]], mesh)
     try:
         out = generate(fixture.params, prompt, config=fixture.config, max_new_tokens=MAX_NEW_TOKENS,
-                       init_scale=0.0, **case["options"])
+                       init_scale=0.0, **case["options"], **({} if mesh is None else {"mesh": mesh}))
     except TypeError as err:
         return CaseResult(name, False, f"unsupported: {err}")
+    rows = out.sequences()
+    if any(row != rows[0] for row in rows) or any(
+            not same_rows(value) for value in out.stats.values()):
+        return CaseResult(name, False, f"the {len(rows)} copies of the prompt differ: {rows}")
     # Samplers may freeze or accept past max_new_tokens (the fixture records all of it): compare
     # the tokens that every sampler must produce.
     got, want = out.sequences()[0], case["new_tokens"]
@@ -132,6 +156,12 @@ def run_generate_case(fixture: Fixture, case: dict) -> CaseResult:
     return CaseResult(name, True, f"{checked} identical")
 
 
+def same_rows(value: Any) -> bool:
+    """Whether every row of a per-sequence statistic is the first row."""
+    rows = [row.tolist() if hasattr(row, "tolist") else row for row in value]
+    return all(row == rows[0] for row in rows)
+
+
 def first_row(value: Any) -> Any:
     """The first sequence's entry of a per-sequence statistic, as plain Python."""
     if value is None:
@@ -147,13 +177,14 @@ def same_statistic(ours: Any, want: Any) -> bool:
     return first_row(ours) == (want[0] if isinstance(want, list) else want)
 
 
-def run_case(fixture: Fixture, case: dict, rtol: float = 1e-5) -> CaseResult:
-    """One case's result; a case that raises fails with the error instead of ending the run."""
+def run_case(fixture: Fixture, case: dict, rtol: float = 1e-5, mesh: Any = None) -> CaseResult:
+    """One case's result; a case that raises fails with the error instead of ending the run.
+    On a `mesh`, the fixture's parameters should already be placed (`sharding.shard_params`)."""
     try:
         if case["kind"] == "forward":
-            return run_forward_case(fixture, case, rtol)
+            return run_forward_case(fixture, case, rtol, mesh)
         if case["kind"] == "generate":
-            return run_generate_case(fixture, case)
+            return run_generate_case(fixture, case, mesh)
     except Exception as err:  # noqa: BLE001 - a case that cannot run is a failure, never the end of the run
         return CaseResult(case_name(case), False, f"cannot run: {type(err).__name__}: {err}")
     return CaseResult(case_name(case), False, f"unknown case kind {case['kind']!r}")
@@ -163,6 +194,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
+    try:
+        shape = sharding.parse_mesh(FLAGS.mesh)
+        mesh = None if shape is None else sharding.make_mesh(shape)
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
     for folder in FLAGS.fixture_dir:
         missing = [part for part in ("checkpoint", "arrays.npz", "cases.json") if not (Path(folder) / part).exists()]
         if missing:
@@ -170,9 +206,15 @@ def main(argv: list[str]) -> None:
     results = []
     for folder in FLAGS.fixture_dir:
         fixture = load_fixture(folder, FLAGS.checkpoint)
-        print(f"fixture {folder}: {len(fixture.cases)} cases", flush=True)
+        where = ""
+        if mesh is not None:  # placed once, heads padded as far as the mesh needs
+            config, params = sharding.shard_params(fixture.params, fixture.config, mesh)
+            fixture = dataclasses.replace(fixture, config=config, params=params)
+            where = (f" on a mesh of data {shape[0]} x model {shape[1]} devices ({config.stored_heads} heads stored, "
+                     f"{config.n_heads} real), each prompt {repeats(mesh)} times")
+        print(f"fixture {folder}: {len(fixture.cases)} cases{where}", flush=True)
         for case in fixture.cases:
-            result = run_case(fixture, case, FLAGS.rtol)
+            result = run_case(fixture, case, FLAGS.rtol, mesh)
             results.append(result)
             print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:<42} {result.detail}", flush=True)
     passed = sum(r.passed for r in results)

@@ -2,10 +2,12 @@
 
 Randomized unrolling with truncated backprop (`huginn_jax.training`), AdamW with warm-up, cosine
 decay and clipping, float32 or bfloat16 compute, data parallelism over every device (each process
-feeds its share of the global batch), Orbax checkpoints that a rerun with the same `--output_dir`
-resumes from, a progress bar, a metrics log (`metrics.jsonl`) and a loss-curve plot. At the end
-the model is written as a converted checkpoint with its tokenizer (`OUTPUT_DIR/model`), ready for
-`python -m experiments.generate --checkpoint=...` and `python -m convert export`.
+feeds its share of the global batch) or, with `--mesh=DATA,MODEL`, data x tensor parallelism
+(heads, MLP and vocabulary split over MODEL devices: `huginn_jax.sharding`), Orbax checkpoints
+that a rerun with the same `--output_dir` resumes from, a progress bar, a metrics log
+(`metrics.jsonl`) and a loss-curve plot. At the end the model is written as a converted
+checkpoint with its tokenizer (`OUTPUT_DIR/model`), ready for `python -m experiments.generate
+--checkpoint=...` and `python -m convert export`.
 
 The embedded model (huginn_jax/assets/arithmetic-tiny) was trained with the defaults:
 
@@ -25,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments.common import pyplot, quiet_jax_logs
 from huginn_jax import checkpoint as converted
+from huginn_jax import sharding
 from huginn_jax.config import HuginnConfig
 from huginn_jax.model import forward
 from huginn_jax.params import count_params, init_params
@@ -63,6 +65,8 @@ flags.DEFINE_integer("log_every", 25, "Steps between metric records.")
 flags.DEFINE_integer("eval_every", 250, "Steps between held-out evaluations (teacher-forced, r = mean_recurrence).")
 flags.DEFINE_integer("checkpoint_every", 250, "Steps between Orbax checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.")
+flags.DEFINE_string("mesh", "", "DATA,MODEL devices (e.g. 2,4; all devices): the batch split over DATA, heads, MLP "
+                    "and vocabulary over MODEL (which must divide --n_heads). Empty: every device on DATA.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
                   "multi-host TPU pod or GPU cluster (each feeds its share of the batch).")
 
@@ -106,12 +110,13 @@ def local_batch(tokenizer: arithmetic.TaskTokenizer, step: int) -> tuple[np.ndar
     return tokenizer.training_batch(mine, TEXT_LENGTH)
 
 
-def heldout_eval(params: dict, config: HuginnConfig, tokenizer: arithmetic.TaskTokenizer, key: jax.Array) -> dict:
+def heldout_eval(params: dict, config: HuginnConfig, tokenizer: arithmetic.TaskTokenizer, key: jax.Array,
+                 mesh: jax.sharding.Mesh | None = None) -> dict:
     """Teacher-forced held-out metrics at r = mean_recurrence: answer-token accuracy, and the share of
     problems whose every answer token is the argmax (what greedy decoding would get right)."""
     problems = arithmetic.heldout_problems()[:EVAL_PROBLEMS]
     tokens, mask = tokenizer.training_batch(problems, TEXT_LENGTH)
-    logits = forward(params, tokens, config.mean_recurrence, config=config, key=key).logits
+    logits = forward(params, tokens, config.mean_recurrence, config=config, key=key, mesh=mesh).logits
     correct = np.asarray(jnp.argmax(logits, -1)) == np.roll(tokens, -1, axis=1)
     token_accuracy = float((correct * mask).sum() / mask.sum())
     exact = float(np.mean(np.all(correct | (mask == 0), axis=1)))
@@ -145,9 +150,19 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     output_dir = Path(FLAGS.output_dir).absolute()
     devices = jax.device_count()
-    if FLAGS.batch_size % devices:
-        raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {devices} devices")
+    try:
+        data, model = sharding.parse_mesh(FLAGS.mesh) or (devices, 1)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    if data * model != devices:
+        raise app.UsageError(f"--mesh={data},{model} must use all {devices} devices (DATA x MODEL = {devices})")
+    if FLAGS.batch_size % data:
+        raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be a multiple of the mesh's {data} groups of rows")
     config = model_config()
+    mesh = sharding.make_mesh((data, model))
+    if sharding.head_padding(config, mesh):
+        raise app.UsageError(f"--mesh={data},{model}: the model axis of {model} devices must divide --n_heads="
+                             f"{config.n_heads} (training does not pad heads)")
     run = {name: FLAGS[name].value for name in RUN_FLAGS}
     check_resumable(output_dir, run)
 
@@ -156,12 +171,15 @@ def main(argv: list[str]) -> None:
                                        total_steps=FLAGS.steps, final_lr_fraction=FLAGS.final_lr_fraction,
                                        weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm)
     optimizer = optimizer_config.build()
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = sharding.batch_sharding(mesh, 2)
 
-    init = jax.jit(lambda key: init_train_state(init_params(config, key), optimizer), out_shardings=replicated)
-    state = init(jax.random.key(FLAGS.seed))
+    def initial(key: jax.Array):
+        return init_train_state(init_params(config, key), optimizer)
+
+    key = jax.random.key(FLAGS.seed)
+    # parameters and Adam's moments by the sharding rules, step counts replicated
+    init = jax.jit(initial, out_shardings=sharding.shardings_like_params(jax.eval_shape(initial, key), config, mesh))
+    state = init(key)
     manager = ocp.CheckpointManager(output_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=FLAGS.keep_checkpoints, create=True))
     metrics_path = output_dir / "metrics.jsonl"
@@ -187,12 +205,14 @@ def main(argv: list[str]) -> None:
     window_start, window_tokens = time.perf_counter(), 0
     with metrics_path.open("a") if chief else open(os.devnull, "w") as log:
         for step in progress:
-            tokens, mask = (jax.make_array_from_process_local_data(batch_sharding, a) for a in local_batch(tokenizer, step))
+            tokens, mask = (jax.make_array_from_process_local_data(batch_sharding, a)
+                            for a in local_batch(tokenizer, step))
             no_grad, grad = sample_recurrence(np.random.default_rng([FLAGS.seed, step]), config.mean_recurrence,
                                               config.mean_backprop_depth)  # the same draw on every process
-            state, metrics = train_step(state, tokens, mask, np.int32(no_grad), np.int32(grad),
-                                        jax.random.fold_in(train_key, step), config=config, optimizer=optimizer,
-                                        compute_dtype=compute_dtype, remat=FLAGS.remat)
+            with sharding.use(mesh):
+                state, metrics = train_step(state, tokens, mask, np.int32(no_grad), np.int32(grad),
+                                            jax.random.fold_in(train_key, step), config=config, optimizer=optimizer,
+                                            compute_dtype=compute_dtype, remat=FLAGS.remat)
             window_tokens += FLAGS.batch_size * TEXT_LENGTH
             done = step + 1
             record = None
@@ -205,7 +225,7 @@ def main(argv: list[str]) -> None:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['token_accuracy']:.3f}")
             if done % FLAGS.eval_every == 0 or done == FLAGS.steps:
                 record = (record or {"step": done}) | heldout_eval(state.params, config, tokenizer,
-                                                                   jax.random.fold_in(eval_key, done))
+                                                                   jax.random.fold_in(eval_key, done), mesh)
                 logging.info("step %d: %s", done, {k: round(v, 4) for k, v in record.items()})
             if record is not None:
                 records.append(record)

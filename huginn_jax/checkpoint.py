@@ -41,15 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint import type_handlers
 
 from huginn_jax import checksums as checksums_lib
+from huginn_jax import sharding as sharding_lib
 from huginn_jax.config import ConfigError, HuginnConfig
 from huginn_jax.interruption import signals_held, stop_on_signal
 from huginn_jax.loading import CheckpointError
-from huginn_jax.params import BLOCK_GROUPS, Params, abstract_params, logical_axes
+from huginn_jax.params import BLOCK_GROUPS, Params, abstract_params, leaf_name, tree_problems
+from huginn_jax.sharding import ShardingRules, default_rules, param_shardings  # noqa: F401 (re-exported)
 
 FORMAT = "huginn-jax-orbax"
 FORMAT_VERSION = 1
@@ -59,8 +61,6 @@ METADATA_FILE = "huginn_jax.json"
 BUFFERS_FILE = "hf_buffers.safetensors"
 CHUNK_BYTES = 64 * 2**20
 """Largest storage chunk: a sharded restore reads only the chunks of its shard."""
-
-ShardingRules = Mapping[str, "str | tuple[str, ...] | None"]
 
 
 # ---------------------------------------------------------------- writing
@@ -297,6 +297,9 @@ def save(path: str | os.PathLike[str], config: HuginnConfig, params: Params, *, 
     `files` are copied into the folder (tokenizer files, say), so that it describes itself and
     `python -m convert export` can turn it into a Hugging Face checkpoint.
     """
+    if config.kv_head_padding:
+        raise ValueError(f"these parameters carry {config.kv_head_padding} zero kv heads for sharding; a checkpoint "
+                         "stores the model's own heads: save sharding.unpad_heads(params, config) instead")
     dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)}
     if len(dtypes) != 1:
         raise ValueError(f"parameters must share one dtype, got {sorted(d.name for d in dtypes)}")
@@ -415,20 +418,26 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
+def _local_reader() -> ocp.Checkpointer:
+    """An orbax checkpointer that reads on this process alone. Every process of a multi-host run
+    loads its own copy of the model (`huginn_jax.distributed`), so a read waits for no other
+    process: orbax's default syncs all processes through a device collective, which fails when
+    they reach it more than 30 s apart."""
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                            multiprocessing_options=local)
+
+
 def stored_metadata(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Dotted leaf name -> (shape, dtype) of every array stored under `params/`."""
-    with signals_held(), _reading_params(path) as params, ocp.PyTreeCheckpointer() as checkpointer:
+    with signals_held(), _reading_params(path) as params, _local_reader() as checkpointer:
         metadata = checkpointer.metadata(params)
         tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
         if tree is None:
             raise CheckpointError(os.fspath(path), [f"{PARAMS_DIR}/_METADATA cannot be read (damaged)"])
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {leaf_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat}
-
-
-def leaf_name(path: Sequence[Any]) -> str:
-    """'core.2.wqkv' for a jax key path."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def check_tree(params: Params, config: HuginnConfig, dtype: Any, where: str) -> None:
@@ -441,65 +450,18 @@ def check_tree(params: Params, config: HuginnConfig, dtype: Any, where: str) -> 
 
 def compare_shapes(found: Mapping[str, tuple[tuple[int, ...], np.dtype]], config: HuginnConfig,
                    dtype: Any | None) -> list[str]:
-    """Problems of a stored tree against `config` (and `dtype`, unless None)."""
-    expected = {leaf_name(p): (tuple(a.shape), np.dtype(a.dtype))
-                for p, a in jax.tree_util.tree_flatten_with_path(abstract_params(config, dtype or jnp.float32))[0]}
-    problems = [f"{name}: missing (expected shape {list(shape)})" for name, (shape, _) in expected.items()
-                if name not in found]
-    problems += [f"{name}: unexpected array of shape {list(found[name][0])}" for name in found if name not in expected]
+    """Problems of a stored tree against `config` (`params.tree_problems`: names, shapes, one float
+    dtype) and against the recorded `dtype` (unless None)."""
+    problems = tree_problems(dict(found), config)
+    expected = {leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     other_dtype: dict[str, list[str]] = {}
-    for name, (shape, found_dtype) in found.items():
-        if name in expected and shape != expected[name][0]:
-            problems.append(f"{name}: shape {list(shape)} but the config needs {list(expected[name][0])}")
-        elif name in expected and dtype is not None and found_dtype != np.dtype(dtype):
+    for name, (_, found_dtype) in found.items():
+        if name in expected and dtype is not None and np.dtype(found_dtype) != np.dtype(dtype):
             other_dtype.setdefault(np.dtype(found_dtype).name, []).append(name)
     for found_dtype, names in sorted(other_dtype.items()):
         problems.append(f"{names[0]}{f' and {len(names) - 1} more array(s)' if len(names) > 1 else ''}: stored as "
                         f"{found_dtype}, but {METADATA_FILE} says {np.dtype(dtype).name}")
     return problems
-
-
-def default_rules(mesh: Mesh) -> dict[str, str | None]:
-    """Tensor parallelism over the mesh's last axis (vocab, heads, MLP); with two or more axes,
-    the embedding dimension is also split over the first (FSDP-style)."""
-    last = mesh.axis_names[-1]
-    rules: dict[str, str | None] = {"vocab": last, "heads": last, "kv_heads": last, "mlp": last}
-    if len(mesh.axis_names) > 1:
-        rules.update(embed=mesh.axis_names[0], embed_concat=mesh.axis_names[0])
-    return rules
-
-
-def param_shardings(config: HuginnConfig, mesh: Mesh, rules: ShardingRules | None = None) -> Params:
-    """A `NamedSharding` per parameter from its logical axes and `rules` (logical axis -> mesh axes).
-
-    A dimension that its mesh axes do not divide evenly (55 heads over 4 devices, say), or whose
-    mesh axes an earlier dimension already uses, is replicated instead.
-    """
-    rules = default_rules(mesh) if rules is None else rules
-    unknown = sorted(set(rules) - {a for axes in jax.tree.leaves(logical_axes(config), is_leaf=_is_axes)
-                                   for a in axes})
-    if unknown:
-        raise ValueError(f"sharding rules name unknown logical axes {unknown}")
-
-    def spec(axes: tuple[str, ...], shape: jax.ShapeDtypeStruct) -> NamedSharding:
-        used: set[str] = set()
-        parts = []
-        for axis, size in zip(axes, shape.shape):
-            mesh_axes = rules.get(axis)
-            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            devices = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-            if names and not used & set(names) and size % devices == 0:
-                parts.append(names[0] if len(names) == 1 else names)
-                used.update(names)
-            else:
-                parts.append(None)
-        return NamedSharding(mesh, PartitionSpec(*parts))
-
-    return jax.tree.map(spec, logical_axes(config), abstract_params(config), is_leaf=_is_axes)
-
-
-def _is_axes(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
 
 
 def restore(path: str | os.PathLike[str], *, mesh: Mesh | None = None, rules: ShardingRules | None = None,
@@ -509,8 +471,10 @@ def restore(path: str | os.PathLike[str], *, mesh: Mesh | None = None, rules: Sh
     - nothing: on the default device;
     - `sharding`: a `jax.Device`, one `jax.sharding.Sharding` for every array, or a tree of them
       shaped like the parameters;
-    - `mesh` (with optional `rules`, logical axis -> mesh axes; `default_rules` otherwise): each
-      array sharded by its logical axes (`param_shardings`).
+    - `mesh` (with optional `rules`, logical axis -> mesh axes; `sharding.default_rules` otherwise):
+      each array sharded by its logical axes (`sharding.param_shardings`), then the heads padded
+      with zero heads where the mesh's model axis does not divide them (`sharding.shard_params`;
+      the returned config's `kv_head_padding` says how many; heads read replicated, then padded).
     Each device reads only its own shard. `dtype` casts the arrays (default: the stored dtype).
 
     `verify_checksums` (default) compares the checksum of every restored array, computed where it
@@ -537,15 +501,16 @@ def restore(path: str | os.PathLike[str], *, mesh: Mesh | None = None, rules: Sh
                       stacklevel=2)
     abstract = abstract_params(config, stored if recorded is not None else wanted)
     if mesh is not None:
+        mesh = sharding_lib.resolve_mesh(mesh)
         shardings = param_shardings(config, mesh, rules)
     elif sharding is None or isinstance(sharding, (jax.Device, jax.sharding.Sharding)):
-        one = sharding or jax.devices()[0]
+        one = sharding or jax.local_devices()[0]  # this process's (in a multi-host run, devices()[0] is process 0's)
         one = SingleDeviceSharding(one) if isinstance(one, jax.Device) else one
         shardings = jax.tree.map(lambda _: one, abstract)
     else:
         shardings = sharding
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with _reading_params(path) as folder, ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading_params(path) as folder, _local_reader() as checkpointer:
         params = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     if recorded is not None:
@@ -557,6 +522,8 @@ def restore(path: str | os.PathLike[str], *, mesh: Mesh | None = None, rules: Sh
                 leaves[i] = leaf.astype(wanted)
                 del leaf
             params = jax.tree.unflatten(treedef, leaves)
+    if mesh is not None:
+        config, params = sharding_lib.shard_params(params, config, mesh, rules)
     return config, params
 
 
@@ -577,7 +544,7 @@ def restore_host(path: str | os.PathLike[str], select: Params, recorded: Mapping
     A SIGINT or SIGTERM takes effect once the read is complete (`interruption.signals_held`).
     """
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), select)
-    with signals_held(), _reading_params(path) as folder, ocp.PyTreeCheckpointer() as checkpointer:
+    with signals_held(), _reading_params(path) as folder, _local_reader() as checkpointer:
         arrays = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
             item=select, restore_args=restore_args, partial_restore=True))
     if recorded is not None:

@@ -34,8 +34,9 @@ def _say(message: str) -> None:
     print(f"{prog}: error: " + "\n  ".join(shown), file=sys.stderr)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """absl's `app.run(main)` with the project's error handling."""
+def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+    """absl's `app.run(main)` with the project's error handling; `flags_parser` replaces absl's flag
+    parsing (as absl's: it parses absl's flags and returns the arguments for `main`)."""
 
     def guarded(argv: list[str]) -> None:
         try:
@@ -50,4 +51,4 @@ def run(main: Callable[[list[str]], None]) -> None:
             _say(str(err) if not isinstance(err, KeyError) else f"missing {err}")
             sys.exit(1)
 
-    app.run(guarded)
+    app.run(guarded, **({} if flags_parser is None else {"flags_parser": flags_parser}))

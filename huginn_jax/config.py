@@ -37,6 +37,10 @@ class HuginnConfig:
     tie_embeddings: bool = True
     mean_recurrence: int = 32
     mean_backprop_depth: int = 8
+    # Zero kv heads (each with its group of zero query heads) stored after the real ones, so that a
+    # mesh's model axis divides the heads (`huginn_jax.sharding.pad_heads`): the same function, a
+    # different parameter shape. Not part of the Hugging Face config; 0 for every checkpoint.
+    kv_head_padding: int = 0
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -50,7 +54,8 @@ class HuginnConfig:
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
-        for name in ("n_layers_in_prelude", "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth"):
+        for name in ("n_layers_in_prelude", "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth",
+                     "kv_head_padding"):
             if int(getattr(self, name)) < 0:
                 problems.append(f"{name}={getattr(self, name)} must not be negative")
         if self.n_heads > 0 and self.n_embd % self.n_heads:
@@ -75,13 +80,24 @@ class HuginnConfig:
         return self.n_embd // self.n_heads
 
     @property
+    def stored_kv_heads(self) -> int:
+        """Key/value heads of the parameters and the cache: the real ones plus `kv_head_padding`."""
+        return self.num_key_value_heads + self.kv_head_padding
+
+    @property
+    def stored_heads(self) -> int:
+        """Query heads of the parameters: each stored kv head with its group of query heads."""
+        return self.stored_kv_heads * (self.n_heads // self.num_key_value_heads)
+
+    @property
     def n_layers(self) -> int:
         return self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
 
     @property
     def effective_expected_depth(self) -> int:
         """Layers unrolled at the mean recurrence; sets the init scale of output projections."""
-        return self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+        return (self.n_layers_in_prelude + self.n_layers_in_coda
+                + self.n_layers_in_recurrent_block * self.mean_recurrence)
 
     @property
     def init_std(self) -> float:
@@ -107,7 +123,7 @@ class HuginnConfig:
         problems: list[str] = []
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            if field.name in hf:
+            if field.name in hf and field.name not in _NOT_HF_FIELDS:
                 values[field.name] = hf[field.name]
         if "n_heads" not in hf and "num_attention_heads" in hf:
             values["n_heads"] = hf["num_attention_heads"]
@@ -173,7 +189,7 @@ class HuginnConfig:
             },
         }
         out.update({name: values[0] for name, values in _FIXED_ARCHITECTURE_VALUES.items()})
-        out.update(dataclasses.asdict(self))
+        out.update({k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HF_FIELDS})
         out.update(
             n_layers=self.n_layers,
             head_dim=self.head_dim,
@@ -188,6 +204,9 @@ class HuginnConfig:
         )
         return out
 
+
+# Fields of HuginnConfig that describe how huginn-jax stores the parameters, not the model.
+_NOT_HF_FIELDS = frozenset({"kv_head_padding"})
 
 # Fields of the reference config that select an implementation; we implement exactly these values.
 _FIXED_ARCHITECTURE_VALUES: dict[str, tuple[Any, ...]] = {
@@ -204,7 +223,7 @@ _FIXED_ARCHITECTURE_VALUES: dict[str, tuple[Any, ...]] = {
 
 # Fields that are checked elsewhere, describe training or packaging, or are generic HF bookkeeping.
 _KNOWN_HF_KEYS = frozenset(
-    {f.name for f in dataclasses.fields(HuginnConfig)}
+    ({f.name for f in dataclasses.fields(HuginnConfig)} - _NOT_HF_FIELDS)
     | set(_FIXED_ARCHITECTURE_VALUES)
     | {
         "num_attention_heads", "hidden_size", "head_dim", "n_layers", "padded_vocab_size", "padding_multiple",

@@ -198,22 +198,29 @@ class LayerRef:
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """The cache's static shape: prelude slots, `n_core_slots` core slots (what the strategy's
-    compression rule needs for the recurrences the cache has room for), coda slots. Only the shape:
-    strategies and depths that need as many slots share a compiled program."""
+    compression rule needs for the recurrences the cache has room for), coda slots; and whether a
+    lookup may have to lend (`lends`: False when the sampler knows that every position a core
+    layer reads holds that layer's step, as in static-depth decoding; then no lookup code is
+    compiled). Only these: strategies and depths that need as many slots share a compiled program."""
 
     n_prelude: int
     n_core: int
     n_coda: int
     n_core_slots: int
+    kv_head_padding: int = 0  # zero kv heads stored for sharding (`HuginnConfig.kv_head_padding`)
+    lends: bool = True
 
     @classmethod
-    def create(cls, config: HuginnConfig, strategy: str | CacheStrategy, max_steps: int) -> "CacheLayout":
+    def create(cls, config: HuginnConfig, strategy: str | CacheStrategy, max_steps: int,
+               lends: bool = True) -> "CacheLayout":
         strategy = CacheStrategy.parse(strategy, config.n_layers_in_recurrent_block)
         if max_steps < 1:
             raise ValueError(f"the cache needs room for at least one recurrence step, got max_steps={max_steps}")
         n_core = config.n_layers_in_recurrent_block
-        n_core_slots = int(jnp.max(core_slot(strategy.code, jnp.arange(n_core * max_steps), n_core))) + 1
-        return cls(config.n_layers_in_prelude, n_core, config.n_layers_in_coda, n_core_slots)
+        with jax.ensure_compile_time_eval():  # concrete also while tracing (a cache made inside jit)
+            n_core_slots = int(jnp.max(core_slot(strategy.code, jnp.arange(n_core * max_steps), n_core))) + 1
+        return cls(config.n_layers_in_prelude, n_core, config.n_layers_in_coda, n_core_slots, config.kv_head_padding,
+                   bool(lends))
 
     @property
     def n_slots(self) -> int:
@@ -280,19 +287,22 @@ class KVCache:
 
     @classmethod
     def create(cls, config: HuginnConfig, strategy: str | CacheStrategy, max_steps: int, batch: int,
-               capacity: int, dtype: Any = jnp.float32, lookup_keys: Array | None = None) -> "KVCache":
+               capacity: int, dtype: Any = jnp.float32, lookup_keys: Array | None = None,
+               uniform_depth: bool = False) -> "KVCache":
         """A zeroed cache for `batch` sequences of up to `capacity` positions and `max_steps`
         recurrences under `strategy`; `lookup_keys` [batch] (one PRNG key per row) are required by
-        the `randomized` lookup and refused by the others."""
+        the `randomized` lookup and refused by the others. `uniform_depth`: the caller promises
+        that every position a core layer reads holds that layer's step (every token runs at least
+        as many steps as any later reader), so lookups never lend and compile to a plain read."""
         strategy = CacheStrategy.parse(strategy, config.n_layers_in_recurrent_block)
-        layout = CacheLayout.create(config, strategy, max_steps)
+        layout = CacheLayout.create(config, strategy, max_steps, lends=not uniform_depth)
         if capacity > config.block_size:
             raise ValueError(f"a cache of {capacity} positions exceeds the context of {config.block_size}")
         if strategy.needs_key != (lookup_keys is not None):
             raise ValueError(f"cache_lookup_strategy {strategy.name!r} "
                              + ("draws random lookups: pass one PRNG key per row" if strategy.needs_key
                                 else "draws nothing: pass no lookup keys"))
-        shape = (layout.n_slots, batch, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (layout.n_slots, batch, config.stored_kv_heads, capacity, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((layout.n_slots, batch, capacity), bool),
                    jnp.asarray(strategy.code), lookup_keys, layout)
 
@@ -313,9 +323,11 @@ class KVCache:
         return self.replace(visible=visible)
 
     def memory(self) -> CacheMemory:
-        """The sizes behind the memory statistics (static: callable before or after a run)."""
-        per_entry = 2 * self.k.shape[2] * self.k.shape[4] * self.k.dtype.itemsize
-        return CacheMemory(per_entry, self.layout.n_slots * self.capacity * per_entry)
+        """The sizes behind the memory statistics (static: callable before or after a run). Zero
+        heads stored for sharding count in the buffers' size, not in the entries' (the model's)."""
+        stored = 2 * self.k.shape[2] * self.k.shape[4] * self.k.dtype.itemsize
+        per_entry = stored * (self.k.shape[2] - self.layout.kv_head_padding) // self.k.shape[2]
+        return CacheMemory(per_entry, self.layout.n_slots * self.capacity * stored)
 
     def filled_entries(self, extent: Array) -> Array:
         """[B] int32: the filled (slot, position) entries of each row at positions < extent[b] (the
@@ -336,18 +348,21 @@ class KVCache:
         to keep a sequence's cache untouched."""
         slot = self.slot(ref)
         rows = jnp.arange(k.shape[0])[:, None]
-        heads = jnp.arange(k.shape[1])[None, :, None]
-        at = (slot, rows[:, :, None], heads, positions[:, None, :])
+        # heads as a slice, not an index: on a device mesh each device writes its own heads
+        at = (slot, rows, slice(None), positions)  # the updates [B, T, kv_heads, head_dim]
         filled = self.filled
         starts = self.layout.starts_token(ref)
         if starts is not False:  # a token computed (again) at a position: its older entries go
             cleared = positions if starts is True else jnp.where(starts, positions, self.capacity)
             filled = filled.at[:, rows, cleared].set(False, mode="drop")
-        cache = self.replace(k=self.k.at[at].set(k.astype(self.k.dtype), mode="drop"),
-                             v=self.v.at[at].set(v.astype(self.v.dtype), mode="drop"),
+        cache = self.replace(k=self.k.at[at].set(k.transpose(0, 2, 1, 3).astype(self.k.dtype), mode="drop"),
+                             v=self.v.at[at].set(v.transpose(0, 2, 1, 3).astype(self.v.dtype), mode="drop"),
                              filled=filled.at[slot, rows, positions].set(True, mode="drop"))
         if ref.group != "core":
             return cache, *cache._read_slot(slot), None
+        if not self.layout.lends:  # every position holds this step: the slot, masked like `full` to be safe
+            present = jax.lax.dynamic_index_in_dim(cache.filled, slot, 0, keepdims=False)[:, : self.length]
+            return cache, *cache._read_slot(slot), present
         own_only, present, lend = cache._lookup_plan(ref, slot, positions)
 
         def read_own(_: None) -> tuple[Array, Array, Array]:
@@ -407,11 +422,10 @@ class KVCache:
                      for a in (self.k, self.v))
 
     def _gather(self, slots: Array) -> tuple[Array, Array]:
-        """Keys and values [B, kv_heads, length, head_dim]: position i of row b from slot slots[b, i]."""
-        batch, heads = self.k.shape[1], self.k.shape[2]
-        at = (slots[:, None, :], jnp.arange(batch)[:, None, None], jnp.arange(heads)[None, :, None],
-              jnp.arange(self.length))
-        return self.k[at], self.v[at]
+        """Keys and values [B, kv_heads, length, head_dim]: position i of row b from slot slots[b, i].
+        (Along the slot axis only: rows and heads stay where they are on a device mesh.)"""
+        index = slots[None, :, None, :, None]  # [1, B, 1, length, 1]
+        return tuple(jnp.take_along_axis(a[:, :, :, : self.length], index, axis=0)[0] for a in (self.k, self.v))
 
     def _draws(self, ref: LayerRef, extent: Array, counts: Array) -> Array:
         """[B, L] uniform integers in [0, counts): row b's key folded with the core application

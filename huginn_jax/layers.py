@@ -2,6 +2,10 @@
 
 Shapes: B batch, T tokens in this call, S key positions, E width, H heads, K kv heads,
 D head dim, M intermediate size.
+
+Under a device mesh, `sharding.constrain` pins queries, keys and values to (rows, heads), the
+MLP's hidden activations to (rows, mlp) and every block's output to rows (the residual stream is
+replicated over the model axis); without one it does nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import KVCache, LayerRef
+from huginn_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -106,6 +111,8 @@ def attention(p: dict[str, Array], x: Array, where: TokenPositions, cache: KVCac
         k = k + p["k_bias"]
     q, k = apply_rope(q, *where.rope), apply_rope(k, *where.rope)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    q = constrain(q, ("batch", None, "heads", "head_dim"))
+    k, v = (constrain(a, ("batch", "kv_heads", None, "head_dim")) for a in (k, v))
     if cache is None:
         keys, values, key_pos, valid = k, v, where.at, None
     else:
@@ -114,15 +121,15 @@ def attention(p: dict[str, Array], x: Array, where: TokenPositions, cache: KVCac
     out = dot_product_attention(q, keys, values, where.at, key_pos, valid)
     # wo as a [H * D, E] matrix: contracting (h, d) as one axis keeps XLA from transposing the weight.
     wo = p["wo"].reshape(-1, p["wo"].shape[-1])
-    return jnp.einsum("btf,fe->bte", out, wo), cache
+    return constrain(jnp.einsum("btf,fe->bte", out, wo), ("batch", None, None)), cache
 
 
 def gated_mlp(p: dict[str, Array], x: Array) -> Array:
-    """silu(x W_gate) * (x W_up), projected back: the reference's GatedMLP (one product for gate and up)."""
-    w = p["w_gate_up"]  # [E, 2, M]
-    gate_up = x @ w.reshape(w.shape[0], -1)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return (jax.nn.silu(gate) * up) @ p["w_down"]
+    """silu(x W_gate) * (x W_up), projected back: the reference's GatedMLP (one product for gate and up).
+    (No reshape of w_gate_up [E, 2, M] to [E, 2M]: split over M on a mesh, that would gather it.)"""
+    gate_up = jnp.einsum("bte,egm->btgm", x, p["w_gate_up"])
+    hidden = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", None, "mlp"))
+    return constrain(hidden @ p["w_down"], ("batch", None, None))
 
 
 def sandwich_block(p: dict[str, Array], x: Array, where: TokenPositions, config: HuginnConfig,

@@ -15,7 +15,8 @@ forward pass of the reference's `model(input_ids, num_steps=...)`. Every functio
 parameters, inputs and the optional cache go in, results and the updated cache come out. The
 depth is a traced value, so changing it never recompiles. Every stage runs under a
 `jax.named_scope` (prelude, core_step, coda, head; attention and mlp inside blocks) so that
-profiles read.
+profiles read. On a device mesh (`huginn_jax.sharding`) the embeddings and the state at every
+step are pinned to rows over the data axis; without a mesh nothing changes.
 
 Shapes: B batch, T tokens in this call, E width, V vocabulary, S recurrence steps.
 """
@@ -35,6 +36,8 @@ from huginn_jax.kv_cache import KVCache, LayerRef
 from huginn_jax.layers import TokenPositions, rms_norm, sandwich_block
 from huginn_jax.params import check_params
 from huginn_jax.recurrence import FixedDepth, Recurrence, Trajectory
+from huginn_jax import sharding
+from huginn_jax.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -101,7 +104,8 @@ def embed(params: Params, config: HuginnConfig, input_ids: Array) -> Array:
     """Token embeddings scaled by sqrt(width): [B, T] -> [B, T, E]. The product is taken in float32
     and rounded once, as torch does for a bfloat16 tensor times a Python float."""
     table = params["wte"]
-    return (jnp.take(table, input_ids, axis=0).astype(jnp.float32) * config.embed_scale).astype(table.dtype)
+    embeds = (jnp.take(table, input_ids, axis=0).astype(jnp.float32) * config.embed_scale).astype(table.dtype)
+    return constrain(embeds, ("batch", None, None))
 
 
 def initial_state(config: HuginnConfig, key: Array, shape: tuple[int, ...], init_scale: Array | float,
@@ -167,7 +171,7 @@ def iterate(params: Params, config: HuginnConfig, block: Embedded, state: Array,
 
     def body(carry: _LoopCarry) -> _LoopCarry:
         ran = recurrence.running(carry.memory, carry.step) & block.active  # [B]
-        memory, start = recurrence.before_step(carry.memory, carry.step, carry.state)
+        memory, start = recurrence.before_step(carry.memory, carry.step, constrain(carry.state, ("batch", None, None)))
         where = block.where.with_writes(ran[:, None])
         new, cache = core_step(params, config, start, injected, where, carry.step, carry.cache)
         state = jnp.where(ran[:, None, None], new, carry.state)
@@ -221,9 +225,10 @@ def run_block(params: Params, config: HuginnConfig, tokens: Array, positions: Ar
                        hidden=hidden, steps=recurred.steps, memory=recurred.memory), cache
 
 
+@sharding.on_mesh
 def forward(params: Params, input_ids: Any, num_steps: Array | int, *, config: HuginnConfig,
             key: Array | None = None, init_scale: float = 1.0, input_states: Array | None = None,
-            return_trajectory: bool = False) -> ForwardOutput:
+            return_trajectory: bool = False, mesh: jax.sharding.Mesh | None = None) -> ForwardOutput:
     """A full causal forward pass without cache, the reference's `model(input_ids, num_steps=...)`.
 
     input_ids [B, T] integers; the recurrence starts from `input_states` [B, T, E] if given, else
@@ -231,7 +236,13 @@ def forward(params: Params, input_ids: Any, num_steps: Array | int, *, config: H
     Jitted; `num_steps` and `init_scale` are traced, so new values do not recompile, except with
     `return_trajectory`, which also returns the state after every step ([num_steps, B, T, E], so
     one compilation per depth) and changes no result; that form is also differentiable.
+    `mesh` (or the mesh set with `jax.set_mesh`): run on a device mesh (`huginn_jax.sharding`; rows
+    over its data axis, which must divide the batch; parameters placed, heads padded, as
+    `sharding.shard_params` does, which is free for parameters it already placed).
     """
+    mesh = sharding.resolve_mesh(mesh)
+    if mesh is not None:
+        config, params = sharding.shard_params(params, config, mesh)
     check_params(params, config)
     input_ids = check_token_ids(input_ids, config)
     if input_states is not None and tuple(input_states.shape) != (*input_ids.shape, config.n_embd):
@@ -245,9 +256,12 @@ def forward(params: Params, input_ids: Any, num_steps: Array | int, *, config: H
         if init_scale != 0:
             raise ValueError("init_scale > 0 draws a random initial state: pass a PRNG key")
         key = jax.random.key(0)  # multiplied by init_scale = 0 below
-    return _forward(params, input_ids, jnp.int32(num_steps), config=config, key=key,
-                    init_scale=jnp.float32(init_scale), input_states=input_states,
-                    trajectory_steps=num_steps if return_trajectory else 0)
+    sharding.check_batch(input_ids.shape[0], mesh, "sequences")
+    input_ids, input_states = sharding.put_batch((input_ids, input_states), mesh)
+    with sharding.use(mesh):
+        return _forward(params, input_ids, jnp.int32(num_steps), config=config, key=key,
+                        init_scale=jnp.float32(init_scale), input_states=input_states,
+                        trajectory_steps=num_steps if return_trajectory else 0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "trajectory_steps"))

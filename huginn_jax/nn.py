@@ -13,7 +13,7 @@ bit for bit, any functional tree (`init_params`, a restored checkpoint) applies 
 Initialization: `init` boxes every array in `nn.LogicallyPartitioned` with its
 `ParamSpec.logical_axes`, so `nn.get_partition_spec`, `nn.logical_to_mesh_sharding` and
 `tabulate` work; `logical_axis_rules` turns the project's sharding rules into Flax's, under which
-those shardings are `checkpoint.param_shardings`. The values are `init_params(config, k)` for one
+those shardings are `sharding.param_shardings`. The values are `init_params(config, k)` for one
 key k drawn with `make_rng("params")`: Flax never hands a module its raw `rng`, only keys folded
 with the module path and a counter, so k is that first fold of `rng`, not `rng` itself.
 """
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from huginn_jax import model, training
-from huginn_jax.checkpoint import default_rules, param_shardings
+from huginn_jax.sharding import default_rules, param_shardings
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import KVCache
 from huginn_jax.layers import TokenPositions
@@ -147,8 +147,8 @@ def logical_axis_rules(config: HuginnConfig, mesh: Mesh,
                        rules: Mapping[str, str | tuple[str, ...] | None] | None = None) -> list[tuple[str, Any]]:
     """Flax logical-axis rules (a list of (logical axis, mesh axes)) under which
     `nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, result)` gives every parameter
-    of `config` the sharding of `checkpoint.param_shardings(config, mesh, rules)` (default:
-    `checkpoint.default_rules(mesh)`).
+    of `config` the sharding of `sharding.param_shardings(config, mesh, rules)` (default:
+    `sharding.default_rules(mesh)`; the rules of activations, such as "batch", are left out).
 
     Two differences between the two are bridged here: `param_shardings` replicates a dimension
     its mesh axes do not divide (every array has the same size along one logical axis, so such an
@@ -162,7 +162,7 @@ def logical_axis_rules(config: HuginnConfig, mesh: Mesh,
     sizes = {axis: size for _, spec in specs for axis, size in zip(spec.logical_axes, spec.shape)}
     mesh_axes = {axis: (names,) if isinstance(names, str) else tuple(names or ()) for axis, names in rules.items()}
     kept = {axis: names for axis, names in mesh_axes.items()
-            if names and sizes[axis] % math.prod(mesh.shape[n] for n in names) == 0}
+            if names and axis in sizes and sizes[axis] % math.prod(mesh.shape[n] for n in names) == 0}
     order = graphlib.TopologicalSorter({axis: set() for axis in kept})
     where: dict[tuple[str, str], str] = {}  # (earlier, later) axis pair -> an array that orders them so
     for path, spec in specs:
@@ -180,7 +180,7 @@ def logical_axis_rules(config: HuginnConfig, mesh: Mesh,
         arrays = sorted({where[p] for p in pairs + [(b, a) for a, b in pairs] if p in where})
         raise ValueError(f"sharding rules {dict(rules)} put logical axes {sorted(set(cycle))} on the same mesh axes "
                          f"in opposite orders ({', '.join(arrays)}): no Flax rule order reproduces "
-                         "checkpoint.param_shardings; use it directly") from None
+                         "sharding.param_shardings; use it directly") from None
     return [(axis, kept[axis][0] if len(kept[axis]) == 1 else kept[axis]) for axis in ranked]
 
 

@@ -74,7 +74,8 @@ def constant(value: float) -> Initializer:
 
 def block_specs(config: HuginnConfig, dtype: Any) -> dict[str, ParamSpec]:
     """The parameters of one sandwich block."""
-    e, h, kv, d, m = (config.n_embd, config.n_heads, config.num_key_value_heads, config.head_dim,
+    # the stored heads: with `kv_head_padding`, zero heads follow the real ones (huginn_jax.sharding)
+    e, h, kv, d, m = (config.n_embd, config.stored_heads, config.stored_kv_heads, config.head_dim,
                       config.intermediate_size)
     std, out_std = config.init_std, config.out_proj_std
     group = h // kv

@@ -18,8 +18,9 @@ so new depths or thresholds do not recompile; only their kind and static options
 - `Trajectory(num_steps)`: the same, keeping the state after every step ([S, B, T, E]).
 - `AdaptiveExit(...)`: each row stops when its exit criterion fires (`huginn_jax.exit_criteria`),
   optionally recording the criterion after every step.
-`before_step(memory, step, state) -> (memory, state)` may change the state a step starts from
-(the place for test-time noise); the controllers here leave it alone.
+- `StateNoise(inner, keys, amount, ...)`: another controller's steps with the reference's test-time
+  noise mixed into the state before each step (`before_step(memory, step, state)` may change the
+  state a step starts from; the others leave it alone).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from huginn_jax.exit_criteria import ExitCriterion
+from huginn_jax.layers import rms_norm
 
 Array = jax.Array
 Memory = Any
@@ -140,3 +142,60 @@ class AdaptiveExit(Recurrence):
         if values is not None:
             values = values.at[:, step].set(jnp.where(checked & ran, value.astype(jnp.float32), jnp.nan))
         return ExitMemory(kept, memory.real, memory.running & ~exits, values), cache
+
+
+NOISE_SCHEDULES = ("geom", "sqrt", "line", "chi", "fixed")
+
+
+@flax.struct.dataclass
+class StateNoise(Recurrence):
+    """Another controller's steps with noise mixed into the state before each step: the reference's
+    test-time noise (`test_time_noise`, `test_time_noise_type`).
+
+    With n = amount * init_std * sqrt(width) (`amount` is the reference's `test_time_noise`), the
+    state x becomes x (1 - a) + N(0, 1) a before step s, where a is n / (s + 1) ("geom"),
+    n / sqrt(s + 1) ("sqrt"), max(n, (mean_recurrence - s) / mean_recurrence) ("line"), uniform in
+    [0, 2n) ("chi") or n ("fixed"), and is then renormalised by the RMSNorm `renorm` (the last core
+    block's norm_4 in the reference; None skips it). Each row draws from its own key folded with the
+    step, so a row's noise does not depend on its batch.
+    """
+
+    inner: Recurrence
+    keys: Array  # [B] one PRNG key per row
+    amount: Array | float  # n, already scaled by init_std * sqrt(width)
+    renorm: Array | None = None  # [E] RMSNorm weight applied after mixing
+    schedule: str = flax.struct.field(pytree_node=False, default="fixed")
+    mean_recurrence: int = flax.struct.field(pytree_node=False, default=32)
+    eps: float = flax.struct.field(pytree_node=False, default=1e-6)
+
+    def init(self, block: Any, state: Array) -> Memory:
+        return self.inner.init(block, state)
+
+    def running(self, memory: Memory, step: Array) -> Array:
+        return self.inner.running(memory, step)
+
+    def mix(self, step: Array) -> Array:
+        """The noise weight a of step `step` (an int), per row [B]."""
+        s = jnp.asarray(step, jnp.float32)
+        n = jnp.asarray(self.amount, jnp.float32)
+        batch = self.keys.shape[:1]
+        if self.schedule == "chi":
+            draw = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(k, step), 1)))
+            return 2 * draw(self.keys) * n
+        weight = {"geom": lambda: n / (s + 1), "sqrt": lambda: n / jnp.sqrt(s + 1), "fixed": lambda: n,
+                  "line": lambda: jnp.maximum(n, (self.mean_recurrence - s) / self.mean_recurrence)}[self.schedule]
+        return jnp.broadcast_to(weight(), batch)
+
+    def before_step(self, memory: Memory, step: Array, state: Array) -> tuple[Memory, Array]:
+        memory, state = self.inner.before_step(memory, step, state)
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), state.shape[1:], jnp.float32))(
+            self.keys)
+        a = self.mix(step)[:, None, None]
+        mixed = (state.astype(jnp.float32) * (1 - a) + noise * a).astype(state.dtype)
+        if self.renorm is not None:
+            mixed = rms_norm(mixed, self.renorm, self.eps)
+        return memory, mixed
+
+    def after_step(self, memory: Memory, step: Array, state: Array, ran: Array, cache: Any,
+                   decode: Decode) -> tuple[Memory, Any]:
+        return self.inner.after_step(memory, step, state, ran, cache, decode)

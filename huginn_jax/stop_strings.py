@@ -26,8 +26,9 @@ for a position of a whole buffer) reads the last `window` tokens (the longest st
 each token of the tokenizer adds at least one byte, so an occurrence that ends in the last token
 starts in the window; ids outside the tokenizer add none) and does `window` dependent lookups of
 one int32 per row: for a batch of B rows, B x window gathers and no arithmetic to speak of,
-negligible beside a forward pass. A sampler that keeps the automaton's state per row can instead use `advance` (one lookup per
-row per new token); `stop_string_hits` scans whole sequences (e.g. a diffusion block) at once.
+negligible beside a forward pass. A sampler that keeps the automaton's state per row can instead
+use `advance` (one lookup per row per new token); `stop_string_hits` scans whole sequences (e.g. a
+diffusion block) at once.
 Building the table on the host is vectorised over the vocabulary with numpy: 0.2 s for the strings
 above, 0.8 s with a 64-byte string added (Q = 82), on one CPU core.
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from huginn_jax import validation
+from huginn_jax import sharding, validation
 from huginn_jax.config import HuginnConfig
 from huginn_jax.exit_criteria import ExitCriterion, get_criterion
 from huginn_jax.kv_cache import FULL, CacheStrategy
@@ -36,6 +36,7 @@ from samplers.streaming import Streamer
 Array = jax.Array
 
 
+@sharding.on_mesh
 def generate_with_adaptive_compute(
         params: dict, input_ids: Any, *, config: HuginnConfig, max_new_tokens: int,
         criterion: str | ExitCriterion = "latent-diff", exit_threshold: float | str = "auto",
@@ -44,7 +45,7 @@ def generate_with_adaptive_compute(
         cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
         stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
         tokenizer: Any = None, key: Array | None = None, streamer: Streamer | None = None,
-        record_exit_values: bool = False) -> GenerateOutput:
+        record_exit_values: bool = False, mesh: Any = None) -> GenerateOutput:
     """Generates with a per-token recurrence depth chosen by an exit criterion.
 
     criterion: "latent-diff", "entropy-diff", "kl", "minp-kl", "argmax-stability", "cosine",
@@ -57,7 +58,7 @@ def generate_with_adaptive_compute(
     record_exit_values: also return `exit_values` [B, max_new_tokens, num_steps]: the criterion's
         value after every step of every token (NaN where it was not checked, or after the exit);
         recording changes no token (it compiles one program per num_steps).
-    Other options as in `generate_minimal`. `recurrence_steps` holds each token's depth.
+    Other options (`mesh` among them) as in `generate_minimal`. `recurrence_steps` holds each token's depth.
     """
     criterion = get_criterion(criterion)
     threshold = validation.number("exit_threshold", criterion.threshold(exit_threshold), minimum=0.0)
@@ -72,16 +73,16 @@ def generate_with_adaptive_compute(
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
                 stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
                 random=sampling.do_sample or strategy.needs_key,
-                random_why="do_sample=True or cache_lookup_strategy='randomized'")
-    cache = make_cache(config, params, run.batch, strategy, num_steps, run.prompts.shape[1] + run.max_new_tokens,
-                       keys=run.keys)
+                random_why="do_sample=True or cache_lookup_strategy='randomized'", mesh=mesh)
+    cache = make_cache(run.config, run.params, run.batch, strategy, num_steps,
+                       run.prompts.shape[1] + run.max_new_tokens, keys=run.keys, mesh=run.mesh)
     if strategy.lookup == FULL and criterion.name != "none":
         warnings.warn("adaptive exits with cache_lookup_strategy='full' leave later tokens nothing to attend to at "
                       "the steps that earlier tokens skipped, which costs accuracy; 'latest-m4' lends those "
-                      "positions their latest keys", UserWarning, stacklevel=2)
+                      "positions their latest keys", UserWarning, stacklevel=3)  # past on_mesh
     exit_rule = AdaptiveExit(criterion=criterion, threshold=jnp.float32(threshold), max_steps=jnp.int32(num_steps),
                              min_steps=jnp.int32(min_steps), check_every=jnp.int32(check_every),
                              vocab_size=config.vocab_size, record_width=num_steps if record else 0)
-    return autoregressive.generate(params, config, run, cache, exit_rule.replace(may_exit=not do_not_exit_in_prefill),
-                                   exit_rule, continuous_compute=continuous_compute, resume_from_latents=False,
-                                   streamer=streamer)
+    return autoregressive.generate(run.params, run.config, run, cache,
+                                   exit_rule.replace(may_exit=not do_not_exit_in_prefill), exit_rule,
+                                   continuous_compute=continuous_compute, resume_from_latents=False, streamer=streamer)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from huginn_jax import sharding
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import KVCache, attention_views
 from huginn_jax.model import lm_head, run_block
@@ -53,10 +54,11 @@ def generate(params: dict, config: HuginnConfig, setup: Setup, cache: KVCache, p
     starts from the previous token's latents (ln_f of the state, static AR) or its raw state
     (adaptive, as the reference)."""
     memory = cache.memory()
-    with streaming.session(streamer) as number:
-        loop, filled = _decode(params, cache, jnp.asarray(setup.prompts), jnp.asarray(setup.lengths), setup.keys,
-                               jnp.float32(setup.init_scale), setup.sampling, setup.stops, prompt_recurrence,
-                               token_recurrence, number, config=config, max_new_tokens=setup.max_new_tokens,
+    prompts, lengths, keys = setup.device_inputs()
+    with streaming.session(streamer) as number, sharding.use(setup.mesh):
+        loop, filled = _decode(params, cache, prompts, lengths, keys, jnp.float32(setup.init_scale), setup.sampling,
+                               setup.stops, prompt_recurrence, token_recurrence, number, config=config,
+                               max_new_tokens=setup.max_new_tokens,
                                continuous_compute=bool(continuous_compute), resume_from_latents=resume_from_latents,
                                stream=streamer is not None)
         # the cache stays on device (its buffers alias the donated input's, then are freed)

@@ -11,6 +11,11 @@ purpose (initial state, token choice, draft, noise, filler), the sampler step wh
 several per position, and the position, never on its row or on the rest of the batch. So a batch
 gives exactly what each prompt gives alone; pass one key per row (`key` of shape [B]) for
 independent samples of the same prompt.
+
+Every sampler takes `mesh=` (or runs under `jax.set_mesh(mesh)`): `setup` pads and places the
+parameters (`sharding.shard_params`), the prompts, lengths and keys go over the mesh's data axis
+(which must divide the batch), the cache is created in its shardings, and the compiled program
+runs under the mesh, so the model's sharding constraints apply. The tokens are those of one device.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from huginn_jax import validation
+from huginn_jax import sharding, validation
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import CacheStrategy, KVCache
 from huginn_jax.model import BlockOutput, check_token_ids, initial_state, lm_head, run_block
@@ -178,19 +183,29 @@ class Setup:
     sampling: SamplingConfig
     init_scale: float
     max_new_tokens: int
+    params: dict | None = None  # the parameters to run: placed on the mesh (heads padded) when there is one
+    config: HuginnConfig | None = None  # their config (`kv_head_padding` set where heads were padded)
+    mesh: Any = None  # the device mesh (Auto axes), or None for one device
 
     @property
     def batch(self) -> int:
         return self.prompts.shape[0]
 
+    def device_inputs(self) -> tuple[Array, Array, Array]:
+        """(prompts [B, S], lengths [B], keys [B]) on the device, rows over the mesh's data axis."""
+        return sharding.put_batch((jnp.asarray(self.prompts), jnp.asarray(self.lengths), self.keys), self.mesh)
+
 
 def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens: Any, init_scale: Any,
           sampling: SamplingConfig, stop_token_ids: Sequence[int] | None, key: Any, random: bool,
           random_why: str, headroom: int = 0, stop_strings: Sequence[str] | None = None,
-          tokenizer: Any = None) -> Setup:
+          tokenizer: Any = None, mesh: Any = None) -> Setup:
     """Checks the parameters, prompts and options every sampler takes; `random` says whether the
-    call draws random numbers (then a key is required; `random_why` names the options that do)."""
+    call draws random numbers (then a key is required; `random_why` names the options that do).
+    With a `mesh` (or one set with `jax.set_mesh`), places the parameters on it (see the module's
+    docstring); `Setup.params` and `Setup.config` are what to run."""
     check_params(params, config)
+    mesh = sharding.resolve_mesh(mesh)
     max_new_tokens = validation.integer("max_new_tokens", max_new_tokens, minimum=1)
     init_scale = validation.number("init_scale", init_scale, minimum=0.0)
     if not isinstance(sampling, SamplingConfig):
@@ -205,22 +220,43 @@ def setup(params: dict, input_ids: Any, config: HuginnConfig, *, max_new_tokens:
                              "(key=jax.random.key(seed))")
         key = jax.random.key(0)  # never consumed in a way that changes results
     keys = validation.prng_keys(key, prompts.shape[0])
-    return Setup(prompts, lengths, keys, stops, sampling, init_scale, max_new_tokens)
+    sharding.check_batch(prompts.shape[0], mesh)
+    if mesh is not None:
+        config, params = sharding.shard_params(params, config, mesh)
+    return Setup(prompts, lengths, keys, stops, sampling, init_scale, max_new_tokens, params, config, mesh)
 
 
 def make_cache(config: HuginnConfig, params: dict, batch: int, strategy: str | CacheStrategy, max_steps: int,
-               capacity: int, *, keys: Array | None = None) -> KVCache:
+               capacity: int, *, keys: Array | None = None, mesh: Any = None, uniform_depth: bool = False) -> KVCache:
     """A zeroed cache of `capacity` positions for `strategy` (a `cache_lookup_strategy` name, checked
     here) with room for `max_steps` core steps; `keys` [B] (`Setup.keys`) are required by the
-    `randomized` lookup, which draws from them (purpose CACHE_LOOKUP), and ignored otherwise."""
+    `randomized` lookup, which draws from them (purpose CACHE_LOOKUP), and ignored otherwise.
+    On a `mesh` it is created in place, rows and heads split (`sharding.cache_shardings`).
+    `uniform_depth`: every token runs at least as many core steps as any later token (static
+    depth), so no position misses a step that a later one reads and lookups compile to a plain
+    read (`KVCache.create`)."""
     strategy = CacheStrategy.parse(strategy, config.n_layers_in_recurrent_block)
     lookup_keys = None
     if strategy.needs_key:
         if keys is None:
             raise ValueError(f"cache_lookup_strategy {strategy.name!r} draws random lookups: pass the sampler's keys")
         lookup_keys = row_keys(keys, CACHE_LOOKUP)
-    return KVCache.create(config, strategy, max(max_steps, 1), batch, min(capacity, config.block_size),
-                          params["wte"].dtype, lookup_keys)
+    shape = (config, strategy, max(max_steps, 1), batch, min(capacity, config.block_size), params["wte"].dtype)
+    if mesh is None:
+        return KVCache.create(*shape, lookup_keys, uniform_depth=uniform_depth)
+    keys_shape = None if lookup_keys is None else jax.ShapeDtypeStruct(lookup_keys.shape, lookup_keys.dtype)
+    return _sharded_cache_maker(*shape, keys_shape, mesh, uniform_depth)(sharding.put_batch(lookup_keys, mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_cache_maker(config: HuginnConfig, strategy: CacheStrategy, max_steps: int, batch: int, capacity: int,
+                         dtype: Any, lookup_keys: Any, mesh: Any, uniform_depth: bool = False) -> Any:
+    """A compiled function that makes the zeroed cache directly in its shardings on `mesh` (no
+    device ever holds the whole of it)."""
+    def create(keys: Array | None) -> KVCache:
+        return KVCache.create(config, strategy, max_steps, batch, capacity, dtype, keys, uniform_depth=uniform_depth)
+
+    return jax.jit(create, out_shardings=sharding.cache_shardings(jax.eval_shape(create, lookup_keys), mesh))
 
 
 # ---------------------------------------------------------------- randomness and token choice
@@ -328,3 +364,42 @@ class GenerateOutput:
     def sequences(self) -> list[list[int]]:
         """The generated ids of each sequence, without the fill."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    @classmethod
+    def concatenate(cls, outputs: Sequence["GenerateOutput | None"]) -> "GenerateOutput":
+        """The rows of several outputs (of one sampler with the same options, on parts of a batch:
+        a multi-host run's shares, say) as one output, in order; None entries (a share without
+        prompts) are skipped. Shorter token, step and value tables are filled (NO_TOKEN, 0, NaN)."""
+        parts = [out for out in outputs if out is not None]
+        if not parts:
+            raise ValueError("no outputs to concatenate")
+        stats = {}
+        for name, first in parts[0].stats.items():
+            values = [out.stats[name] for out in parts]
+            stats[name] = (sum((list(v) for v in values), []) if isinstance(first, list)
+                           else _stack_rows([np.asarray(v) for v in values]))
+        optional = [[getattr(out, field) for out in parts] for field in ("exit_values", "tablets")]
+        exit_values = None if optional[0][0] is None else _stack_rows(optional[0])
+        tablets = None if optional[1][0] is None else {
+            name: _stack_rows([t[name] for t in optional[1]]) for name in optional[1][0]}
+        return cls(tokens=_stack_rows([out.tokens for out in parts], NO_TOKEN),
+                   lengths=np.concatenate([out.lengths for out in parts]),
+                   recurrence_steps=_stack_rows([out.recurrence_steps for out in parts], 0), stats=stats,
+                   exit_values=exit_values, tablets=tablets)
+
+
+def _stack_rows(arrays: Sequence[np.ndarray], fill: Any = None) -> np.ndarray:
+    """Arrays with a leading row axis, concatenated along it, their other axes filled up to the
+    largest (with `fill`, default NaN for floats and 0 otherwise)."""
+    arrays = [np.asarray(a) for a in arrays]
+    if arrays[0].ndim == 0:
+        return np.stack(arrays)
+    shape = np.max([a.shape[1:] for a in arrays], axis=0).astype(int) if arrays[0].ndim > 1 else ()
+    if fill is None:
+        fill = np.nan if np.issubdtype(arrays[0].dtype, np.floating) else 0
+    out = []
+    for a in arrays:
+        full = np.full((a.shape[0], *shape), fill, a.dtype)
+        full[(slice(None), *(slice(0, n) for n in a.shape[1:]))] = a
+        out.append(full)
+    return np.concatenate(out)

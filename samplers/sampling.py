@@ -13,6 +13,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from huginn_jax import validation
+
 Array = jax.Array
 
 
@@ -29,20 +31,17 @@ class SamplingConfig:
     do_sample: bool = flax.struct.field(pytree_node=False, default=False)
 
     def validate(self) -> "SamplingConfig":
-        """Returns self, or raises ValueError naming every bad value."""
-        problems = []
-        if self.do_sample and not self.temperature > 0:
-            problems.append(f"temperature={self.temperature} must be positive when sampling")
-        if int(self.top_k) < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} must lie in (0, 1]")
-        if not 0 <= self.min_p <= 1:
-            problems.append(f"min_p={self.min_p} must lie in [0, 1]")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty={self.repetition_penalty} must be positive")
-        if problems:
-            raise ValueError("invalid SamplingConfig: " + "; ".join(problems))
+        """Returns self, or raises ValueError naming the bad value."""
+        v = validation
+        v.boolean("do_sample", self.do_sample)
+        if self.do_sample:
+            v.number("temperature", self.temperature, above=0.0)
+        else:
+            v.number("temperature", self.temperature)
+        v.integer("top_k", self.top_k, minimum=0)
+        v.number("top_p", self.top_p, maximum=1.0, above=0.0)
+        v.number("min_p", self.min_p, 0.0, 1.0)
+        v.number("repetition_penalty", self.repetition_penalty, above=0.0)
         return self
 
     @classmethod

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from huginn_jax import validation
+from huginn_jax import sharding, validation
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import FULL, CacheStrategy, KVCache, attention_views
 from huginn_jax.model import lm_head, run_block
@@ -62,17 +62,19 @@ class Rounds:
     aborted: Array  # scalar bool
 
 
+@sharding.on_mesh
 def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, max_new_tokens: int,
                          draft_steps: int = 32, lookahead_for_draft: int = 8, verification_threshold: float = 1.0,
                          num_steps: int | None = None, continuous_compute: bool = False, init_scale: float = 1.0,
                          cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
                          stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
                          tokenizer: Any = None, key: Array | None = None,
-                         streamer: streaming.Streamer | None = None) -> GenerateOutput:
+                         streamer: streaming.Streamer | None = None, mesh: Any = None) -> GenerateOutput:
     """Generates with self-speculative decoding; options and defaults as the reference's (the paper's
     tuned setting is draft_steps=4, lookahead_for_draft=4).
 
     num_steps: the verifying depth (default: the config's mean_recurrence).
+    mesh: a device mesh to run on, as in `generate_minimal`.
     The output holds at most max_new_tokens tokens per sequence (the reference may return up to
     lookahead_for_draft - 1 more); the round that reaches it keeps only the tokens it needs.
     stats: `rounds`, `draft_forward_passes` (shallow one-token passes), `verify_forward_passes`
@@ -91,15 +93,19 @@ def generate_speculative(params: dict, input_ids: Any, *, config: HuginnConfig, 
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
                 stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
                 random=sampling.do_sample or strategy.needs_key,
-                random_why="do_sample=True or cache_lookup_strategy='randomized'", headroom=lookahead - 1)
-    cache = make_cache(config, params, run.batch, strategy, max(num_steps, draft_steps),
-                       run.prompts.shape[1] + run.max_new_tokens + lookahead - 1, keys=run.keys)
+                random_why="do_sample=True or cache_lookup_strategy='randomized'", headroom=lookahead - 1,
+                mesh=mesh)
+    # Drafts no deeper than the verifying pass never read a step that an earlier position lacks.
+    cache = make_cache(run.config, run.params, run.batch, strategy, max(num_steps, draft_steps),
+                       run.prompts.shape[1] + run.max_new_tokens + lookahead - 1, keys=run.keys, mesh=run.mesh,
+                       uniform_depth=draft_steps <= num_steps)
     memory = cache.memory()
     depth = (jnp.int32(num_steps), jnp.int32(draft_steps), jnp.float32(threshold))
-    with streaming.session(streamer) as number:
-        loop, filled = _generate(params, cache, jnp.asarray(run.prompts), jnp.asarray(run.lengths), depth,
-                                 jnp.float32(run.init_scale), run.sampling, run.stops, run.keys, number,
-                                 config=config, max_new_tokens=run.max_new_tokens, lookahead=lookahead,
+    prompts, lengths, keys = run.device_inputs()
+    with streaming.session(streamer) as number, sharding.use(run.mesh):
+        loop, filled = _generate(run.params, cache, prompts, lengths, depth, jnp.float32(run.init_scale),
+                                 run.sampling, run.stops, keys, number, config=run.config,
+                                 max_new_tokens=run.max_new_tokens, lookahead=lookahead,
                                  continuous_compute=continuous_compute, stream=streamer is not None)
         draft, filled = jax.device_get((loop.draft, filled))
     generated = np.asarray(draft.count)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from huginn_jax import validation
+from huginn_jax import sharding, validation
 from huginn_jax.config import HuginnConfig
 from huginn_jax.kv_cache import FULL, CacheStrategy
 from huginn_jax.recurrence import FixedDepth
@@ -25,12 +25,13 @@ from samplers.streaming import Streamer
 Array = jax.Array
 
 
+@sharding.on_mesh
 def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_new_tokens: int,
                      num_steps: int | None = None, init_scale: float = 1.0, continuous_compute: bool = False,
                      cache_lookup_strategy: str = FULL, sampling: SamplingConfig = GREEDY,
                      stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
                      tokenizer: Any = None, key: Array | None = None,
-                     streamer: Streamer | None = None) -> GenerateOutput:
+                     streamer: Streamer | None = None, mesh: Any = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per prompt at a fixed recurrence depth.
 
     input_ids: an integer array [B, T], or a list of 1-D id sequences of unequal lengths.
@@ -44,6 +45,8 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     stop_token_ids: a sequence ends after emitting one of these (None: Huginn's stop tokens).
     key: PRNG key (or one per row, shape [B]), required when init_scale > 0 or when sampling.
     streamer: receives each step's new tokens while decoding runs (see `samplers.streaming`).
+    mesh: a device mesh to run on (`huginn_jax.sharding`; default: the one set with `jax.set_mesh`,
+        else one device); its data axis must divide the batch. The tokens are those of one device.
     """
     num_steps = validation.integer("num_steps", config.mean_recurrence if num_steps is None else num_steps,
                                    minimum=0)
@@ -52,9 +55,9 @@ def generate_minimal(params: dict, input_ids: Any, *, config: HuginnConfig, max_
     run = setup(params, input_ids, config, max_new_tokens=max_new_tokens, init_scale=init_scale, sampling=sampling,
                 stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer, key=key,
                 random=sampling.do_sample or strategy.needs_key,
-                random_why="do_sample=True or cache_lookup_strategy='randomized'")
-    cache = make_cache(config, params, run.batch, strategy, num_steps, run.prompts.shape[1] + run.max_new_tokens,
-                       keys=run.keys)
+                random_why="do_sample=True or cache_lookup_strategy='randomized'", mesh=mesh)
+    cache = make_cache(run.config, run.params, run.batch, strategy, num_steps,
+                       run.prompts.shape[1] + run.max_new_tokens, keys=run.keys, mesh=run.mesh, uniform_depth=True)
     depth = FixedDepth(jnp.int32(num_steps))
-    return autoregressive.generate(params, config, run, cache, depth, depth, continuous_compute=continuous_compute,
-                                   resume_from_latents=True, streamer=streamer)
+    return autoregressive.generate(run.params, run.config, run, cache, depth, depth,
+                                   continuous_compute=continuous_compute, resume_from_latents=True, streamer=streamer)

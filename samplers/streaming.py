@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from huginn_jax.sharding import constrain
+
 Array = jax.Array
 Streamer = Callable[[list[np.ndarray]], None]
 
@@ -88,6 +90,8 @@ def emit(enabled: bool, number: Array, tokens: Array, counts: Array) -> Array:
     decoding). Compiles to nothing when not `enabled` (static)."""
     if not enabled:
         return jnp.bool_(False)
+    # on a mesh, gathered first: the callback runs on one device, and takes the whole batch
+    tokens, counts = (constrain(a, (None,) * a.ndim) for a in (tokens, counts))
     return io_callback(_deliver, jax.ShapeDtypeStruct((), jnp.bool_), number, tokens, counts, ordered=True)
 
 

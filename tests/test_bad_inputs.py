@@ -8,7 +8,8 @@ two lines, never a traceback.
 Tables, each with its own test function: CONVERT_CASES (convert.import_checkpoint /
 export_checkpoint), CONVERT_CLI_CASES (`python -m convert`), RESTORE_CASES
 (huginn_jax.checkpoint.restore on damaged folders), LOAD_HF_CASES (huginn_jax.load_hf_checkpoint
-on damaged Hugging Face folders). Helpers for new tables: `tree_digest` (the
+on damaged Hugging Face folders), FORWARD_CASES and SAMPLER_CASES (the model's and the samplers'
+options and parameter trees), SCRIPT_CASES (the experiment scripts). Helpers for new tables: `tree_digest` (the
 file system check), `Case` / `CliCase` (a row), LAUNCHER and FAULTS (a CLI run with a failure
 injected into its process).
 """
@@ -28,11 +29,13 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import pytest
 
 from convert import export_checkpoint, import_checkpoint
 from huginn_jax import checkpoint
 from huginn_jax.loading import CheckpointError
+from samplers import SamplingConfig
 from tests.conftest import CHECKPOINT_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,4 +472,146 @@ def test_load_hf_checkpoint_of_a_damaged_folder_is_one_checkpoint_error(case, tm
         load_hf_checkpoint(folder)
     for text in case.says:
         assert text.format(root=root) in str(err.value), str(err.value)
+    assert tree_digest(tmp_path) == before
+
+
+# ---------------------------------------------------------------- forward and the samplers
+
+def _without_last_core_layer(params: dict) -> dict:
+    return {**params, "core": params["core"][:-1]}
+
+
+def _mixed_dtypes(params: dict) -> dict:
+    return {**params, "wte": params["wte"].astype("bfloat16")}
+
+
+def _another_model(params: dict) -> dict:
+    from huginn_jax.config import TINY
+    from huginn_jax.params import init_params
+
+    return init_params(TINY.replace(n_embd=32, intermediate_size=64), jax.random.key(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCase:
+    """A call of the public API with `options` (or parameters changed by `params`) that must raise
+    `error` with a message holding every text of `says`."""
+
+    name: str
+    call: str  # "forward", or a sampler's short name
+    options: dict[str, Any]
+    error: type[BaseException]
+    says: tuple[str, ...]
+    params: Callable[[dict], dict] | None = None
+
+
+def _ids(*rows: list[int]) -> Any:
+    return jax.numpy.asarray(rows, jax.numpy.int32)
+
+
+FORWARD_CASES = [
+    CallCase("token id past the vocabulary (jax array)", "forward", {"input_ids": _ids([1, 256])}, ValueError,
+             ("token ids must lie in [0, 256)", "[1, 256]")),
+    CallCase("negative token id (jax array)", "forward", {"input_ids": _ids([-1, 3])}, ValueError,
+             ("token ids must lie in [0, 256)", "[-1, 3]")),
+    CallCase("a core layer missing from the tree", "forward", {}, ValueError,
+             ("params do not match the config", "core.3.wqkv: missing"), params=_without_last_core_layer),
+    CallCase("a bfloat16 embedding with float32 elsewhere", "forward", {}, ValueError,
+             ("parameters must share one dtype", "bfloat16 (e.g. wte)"), params=_mixed_dtypes),
+    CallCase("the parameters of another model", "forward", {}, ValueError,
+             ("params do not match the config", "wte: shape [256, 32] but the config needs [256, 64]"),
+             params=_another_model),
+    CallCase("num_steps that is no integer", "forward", {"num_steps": 2.5}, ValueError,
+             ("num_steps must be an integer, got 2.5",)),
+    CallCase("init_scale NaN", "forward", {"init_scale": float("nan"), "key": jax.random.key(0)}, ValueError,
+             ("init_scale must be a finite number, got nan",)),
+]
+
+SAMPLER_CASES = [
+    CallCase("diffusion exit_t 0", "diffusion", {"exit_t": 0.0}, ValueError, ("exit_t must be > 0.0, got 0.0",)),
+    CallCase("diffusion exit_t NaN", "diffusion", {"exit_t": float("nan")}, ValueError,
+             ("exit_t must be a finite number, got nan",)),
+    CallCase("adaptive exit_threshold below 0", "adaptive", {"exit_threshold": -0.1}, ValueError,
+             ("exit_threshold must be >= 0.0, got -0.1",)),
+    CallCase("adaptive min_steps past num_steps", "adaptive", {"num_steps": 4, "min_steps": 5}, ValueError,
+             ("min_steps must be <= 4, got 5",)),
+    CallCase("speculative draft_steps 0", "speculative", {"draft_steps": 0}, ValueError,
+             ("draft_steps must be >= 1, got 0",)),
+    CallCase("init_scale NaN", "ar", {"init_scale": float("nan")}, ValueError,
+             ("init_scale must be a finite number, got nan",)),
+    CallCase("a stop token id that is no integer", "ar", {"stop_token_ids": [2.7]}, ValueError,
+             ("stop_token_ids[0] must be an integer, got 2.7",)),
+    CallCase("stop_token_ids that is no list", "speculative", {"stop_token_ids": 5}, ValueError,
+             ("stop_token_ids must be a list of token ids, got 5",)),
+    CallCase("top_k that is no integer", "diffusion",
+             {"sampling": SamplingConfig(do_sample=True, top_k=2.7), "key": jax.random.key(0)}, ValueError,
+             ("top_k must be an integer, got 2.7",)),
+    CallCase("max_new_tokens that is no integer", "adaptive", {"max_new_tokens": 2.5}, ValueError,
+             ("max_new_tokens must be an integer, got 2.5",)),
+    CallCase("a key that is an int", "ar", {"key": 7}, ValueError, ("key must be a PRNG key", "got 7 (int)")),
+    CallCase("a key that is a string", "diffusion", {"key": "seed"}, ValueError,
+             ("key must be a PRNG key", "got 'seed' (str)")),
+    CallCase("stop strings without a tokenizer", "ar", {"stop_strings": ["Q:"]}, ValueError,
+             ("stop_strings", "pass the tokenizer too")),
+    CallCase("an unknown sampler", "generate_quickly", {}, ValueError, ("unknown sampler 'generate_quickly'",)),
+    CallCase("a streamer that is not callable", "ar", {"streamer": 3}, ValueError, ("streamer must be callable",)),
+    CallCase("a parameter tree with a core layer missing", "diffusion", {}, ValueError,
+             ("core.3.wqkv: missing",), params=_without_last_core_layer),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES + SAMPLER_CASES, ids=[c.name for c in FORWARD_CASES + SAMPLER_CASES])
+def test_the_api_names_the_bad_option(case, reference):
+    from huginn_jax.model import forward
+    from samplers import generate
+
+    params = case.params(reference.params) if case.params else reference.params
+    options = dict(case.options)
+    if case.call == "forward":
+        ids = options.pop("input_ids", _ids([1, 2, 3]))
+        steps = options.pop("num_steps", 2)
+        options.setdefault("init_scale", 0.0)
+        with pytest.raises(case.error) as raised:
+            forward(params, ids, steps, config=reference.config, **options)
+    else:
+        options = {"max_new_tokens": 4, "init_scale": 0.0, **options}
+        with pytest.raises(case.error) as raised:
+            generate(params, [[1, 2, 3]], config=reference.config, sampler=case.call, **options)
+    for text in case.says:
+        assert text in str(raised.value), str(raised.value)
+
+
+# ---------------------------------------------------------------- the experiment scripts
+
+SCRIPT_CASES = [
+    ("generate", ["--checkpoint=/nonexistent", "--prompt=hi"], 1, ("/nonexistent", "does not exist")),
+    ("generate", ["--checkpoint={root}", "--prompt=hi"], 1, ("is neither a converted checkpoint",)),
+    ("generate", [f"--checkpoint={CHECKPOINT_DIR}", "--prompt_ids=1,x"], 2,
+     ("--prompt_ids='1,x' must be comma-separated integers",)),
+    ("generate", ["--problem="], 2, ("--problem='' is not an addition",)),
+    ("generate", ["--problem=12+3x"], 2, ("--problem='12+3x' is not an addition",)),
+    ("generate", ["--problem=123456789+1"], 2, ("at most 7 digits",)),
+    ("generate", ["--problem=1+2", "--prompt_ids=1"], 2, ("--problem is for the embedded arithmetic model",)),
+    ("generate", [f"--checkpoint={CHECKPOINT_DIR}", "--prompt=hi"], 1, ("has no tokenizer.json",)),
+    ("generate", [f"--checkpoint={CHECKPOINT_DIR}", "--prompt=hi", "--gen_kwargs=num_steps"], 1,
+     ("has no tokenizer.json",)),
+    ("chat", [], 2, ("--checkpoint is required",)),
+    ("chat", ["--checkpoint={embedded}"], 2, ("has no chat template",)),
+]
+
+
+@pytest.mark.parametrize("script, args, status, says", SCRIPT_CASES,
+                         ids=[f"{s} {' '.join(a)}" for s, a, _, _ in SCRIPT_CASES])
+def test_the_scripts_print_one_or_two_lines(script, args, status, says, tmp_path):
+    from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL
+
+    args = [a.format(root=tmp_path, embedded=EMBEDDED_MODEL) for a in args]
+    before = tree_digest(tmp_path)
+    run = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO, timeout=300, stdin=subprocess.DEVNULL)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == status, run.stderr[-3000:]
+    assert 1 <= len(lines) <= 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    for text in says:
+        assert text in run.stderr, run.stderr
     assert tree_digest(tmp_path) == before

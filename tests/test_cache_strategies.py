@@ -2,7 +2,11 @@
 huginn-reference-cache fixture token-exact with the reference's cache memory, the reference
 check's handling of both fixtures, `exit_threshold="auto"`, and randomized lookups' key."""
 
+import ast
+import inspect
 import json
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +15,10 @@ import pytest
 from experiments import reference_check
 from experiments.reference_check import CACHE_FIXTURE, load_fixture, run_case
 from huginn_jax.exit_criteria import get_criterion
-from samplers import generate_minimal, generate_speculative, generate_with_adaptive_compute
+from huginn_jax.kv_cache import CacheStrategy
+from samplers import (generate_diffusion_style, generate_minimal, generate_speculative,
+                      generate_with_adaptive_compute)
+from samplers.dispatch import SAMPLERS, resolve
 from tests.conftest import FIXTURE_DIR
 
 with open(CACHE_FIXTURE / "cases.json", encoding="utf-8") as f:
@@ -91,3 +98,58 @@ def test_speculative_decoding_takes_compression_rules_and_reports_memory(cache_f
     np.testing.assert_array_equal(spec.stats["cache_memory_mb"], static.stats["cache_memory_mb"])
     assert static.stats["cache_memory_mb"][0] == CACHE_CASES[0]["cache_memory_mb"]  # the fixture's s8 case
     assert (spec.stats["cache_allocated_mb"] > spec.stats["cache_memory_mb"]).all()
+
+
+@pytest.mark.parametrize("sampler", [generate_minimal, generate_with_adaptive_compute, generate_speculative,
+                                     generate_diffusion_style], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("name, message", [
+    ("latest-m4-compress-s0", "malformed cache_lookup_strategy 'latest-m4-compress-s0'"),
+    ("latest-m4-compress-sx", "malformed cache_lookup_strategy 'latest-m4-compress-sx'"),
+    ("latest-m4-compress-s6", "'latest-m4-compress-s6' cannot be used with this model"),
+    ("latest-m4-compress-s16-extra", "malformed cache_lookup_strategy"),
+])
+def test_every_sampler_refuses_a_bad_strategy_by_name(cache_fixture, sampler, name, message):
+    """One parser for every sampler: the error names the option before anything runs (4 core layers
+    here, so compress-s6 would make core layers read each other's keys)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sampler(cache_fixture.params, cache_fixture.arrays["gen_prompt"], config=cache_fixture.config,
+                max_new_tokens=2, cache_lookup_strategy=name)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def demo_table_calls() -> list[ast.Call]:
+    """The huginn-jax column's `generate(...)` calls in the README's table of the official demo."""
+    text = README.read_text(encoding="utf-8")
+    table = text.split("| official demo (PyTorch) | huginn-jax |", 1)[1].split("\n\n", 1)[0]
+    calls = []
+    for row in table.splitlines()[2:]:
+        ours = row.split(" | ", 1)[1]
+        calls += [ast.parse(code, mode="eval").body for code in re.findall(r"`(generate\(.*?\))`", ours)]
+    return calls
+
+
+def test_the_readme_shows_every_call_of_the_official_demo_with_options_its_sampler_takes():
+    """Each of the demo's strategy and exit settings has a row, and each row's call selects the
+    sampler the reference's `model.generate` selects, with option names and values it accepts
+    (`common` holds config, num_steps, max_new_tokens, stop_strings, tokenizer, streamer, key)."""
+    calls = demo_table_calls()
+    settings = [{k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg} for call in calls]
+    for demo in ({}, {"continuous_compute": False, "criterion": "latent-diff", "exit_threshold": "auto",
+                      "cache_lookup_strategy": "latest-m4"},
+                 {"criterion": "argmax-stability", "exit_threshold": 10, "cache_lookup_strategy": "latest-m4"},
+                 {"cache_lookup_strategy": "latest-m4-compress-s16"},
+                 {"cache_lookup_strategy": "latest-m4-compress-anchor"},
+                 {"criterion": "latent-diff", "exit_threshold": "auto",
+                  "cache_lookup_strategy": "latest-m4-compress-s16"}):
+        assert demo in settings, demo
+    common = {"num_steps", "max_new_tokens", "stop_strings", "tokenizer", "streamer", "key"}
+    for options in settings:
+        sampler = resolve(None, options)
+        assert sampler == ("generate_with_adaptive_compute" if "criterion" in options else "generate_minimal")
+        taken = set(inspect.signature(SAMPLERS[sampler]).parameters)
+        assert set(options) | common <= taken, options
+        CacheStrategy.parse(options.get("cache_lookup_strategy", "full"), 4)  # Huginn-0125's 4 core layers
+        if "criterion" in options:
+            assert get_criterion(options["criterion"]).threshold(options["exit_threshold"]) > 0

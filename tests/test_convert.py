@@ -96,7 +96,8 @@ def test_round_trip_hf_to_orbax_to_hf_is_byte_identical(converted, tmp_path):
         assert back[key].dtype == value.dtype and back[key].tobytes() == value.tobytes(), key
     with safe_open(str(exported / "model.safetensors"), "numpy") as f:
         assert f.metadata() == {"format": "pt"}  # transformers refuses safetensors files without it
-    assert json.loads((exported / "config.json").read_text()) == json.loads((CHECKPOINT_DIR / "config.json").read_text())
+    exported_config = json.loads((exported / "config.json").read_text())
+    assert exported_config == json.loads((CHECKPOINT_DIR / "config.json").read_text())
 
 
 def test_round_trip_orbax_to_hf_to_orbax_keeps_every_array(converted, tmp_path):
@@ -228,9 +229,9 @@ def test_restore_into_mesh_shardings(converted):
         config, params = checkpoint.restore({str(converted)!r}, mesh=mesh)
         _, host = checkpoint.restore({str(converted)!r}, sharding=jax.devices()[0])
         wqkv = params["core"][0]["wqkv"]
-        assert tuple(wqkv.sharding.spec) == ("data", "model", None, None), wqkv.sharding.spec
-        assert wqkv.addressable_shards[0].data.shape == (32, 2, 3, 16)
-        assert tuple(params["wte"].sharding.spec) == ("model", "data")
+        assert tuple(wqkv.sharding.spec) == (None, "model", None, None), wqkv.sharding.spec  # heads over model
+        assert wqkv.addressable_shards[0].data.shape == (64, 2, 3, 16)
+        assert tuple(params["wte"].sharding.spec) == ("model", None)  # vocabulary over model, replicated over data
         assert all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(host)))
         print("ok")
@@ -436,7 +437,8 @@ def test_hub_ids_without_network_or_huggingface_hub(tmp_path, monkeypatch):
         raise OSError("Network is unreachable")
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
-    with pytest.raises(CheckpointError, match="cannot be downloaded from the Hugging Face Hub .*Network is unreachable"):
+    with pytest.raises(CheckpointError,
+                       match="cannot be downloaded from the Hugging Face Hub .*Network is unreachable"):
         import_checkpoint("tomg-group-umd/huginn-0125", tmp_path / "out", progress=False)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(CheckpointError, match="needs huggingface_hub"):

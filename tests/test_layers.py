@@ -1,7 +1,6 @@
 """Layers against straightforward float64 numpy re-computations."""
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 from huginn_jax.layers import apply_rope, dot_product_attention, rms_norm, rope_angles

@@ -233,7 +233,7 @@ def test_flax_shardings_equal_param_shardings_on_four_devices(reference):
         init = jax.jit(lambda key: module.init(key, hidden, method="lm_head"), out_shardings=shardings)
         placed = jax.tree.map(lambda a: a.sharding, nn.meta.unbox(init(jax.random.key(0)))["params"])
         assert placed == checkpoint.param_shardings(config, mesh)
-        assert not placed["wte"].is_fully_replicated and not placed["adapter"].is_fully_replicated
+        assert not placed["wte"].is_fully_replicated and not placed["core"][0]["wqkv"].is_fully_replicated
         print("ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",

@@ -85,12 +85,16 @@ def test_samples_follow_the_filtered_distribution():
 
 
 def test_invalid_values_are_named():
-    with pytest.raises(ValueError, match="temperature=0.0 must be positive"):
+    with pytest.raises(ValueError, match="temperature must be > 0.0, got 0.0"):
         SamplingConfig(temperature=0.0, do_sample=True).validate()
-    with pytest.raises(ValueError, match="top_p=1.5"):
+    with pytest.raises(ValueError, match="top_p must be <= 1.0, got 1.5"):
         SamplingConfig(top_p=1.5).validate()
-    with pytest.raises(ValueError, match="repetition_penalty=0"):
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0.0, got 0"):
         SamplingConfig(repetition_penalty=0).validate()
+    with pytest.raises(ValueError, match=r"top_k must be an integer, got 2.7 \(float\)"):
+        SamplingConfig(top_k=2.7).validate()
+    with pytest.raises(ValueError, match="temperature must be a finite number, got nan"):
+        SamplingConfig(temperature=float("nan")).validate()
 
 
 def test_from_generation_config():

@@ -5,7 +5,6 @@ every sampler, chats go through the chat template, and a streamer's exception co
 import functools
 
 import jax
-import numpy as np
 import pytest
 
 from huginn_jax.loading import load_hf_checkpoint

@@ -300,7 +300,7 @@ def test_check_fits_names_both_numbers(ours):
     with pytest.raises(TokenizerError, match=f"the prompt has {len(ids)} tokens, more than the model's context "
                                              f"of {len(ids) - 1} tokens"):
         check_fits(ids, len(ids) - 1)
-    with pytest.raises(TokenizerError, match=rf"the chat has 10 tokens plus 8 new tokens \(18\), more than the "
+    with pytest.raises(TokenizerError, match=r"the chat has 10 tokens plus 8 new tokens \(18\), more than the "
                                              r"model's context of 16 tokens"):
         check_fits(10, 16, what="the chat", reserved=8)
 

@@ -54,7 +54,8 @@ def test_gradients_flow_only_through_the_last_steps(batch):
     no_grad, grad = 3, 2
 
     def recipe_loss(p):
-        return masked_loss(unrolled_logits(p, CONFIG, tokens, jnp.int32(no_grad), jnp.int32(grad), key), tokens, mask)[0]
+        logits = unrolled_logits(p, CONFIG, tokens, jnp.int32(no_grad), jnp.int32(grad), key)
+        return masked_loss(logits, tokens, mask)[0]
 
     start = forward(params, tokens, no_grad, config=CONFIG, key=key, return_trajectory=True).trajectory[-1]
 

@@ -1,0 +1,137 @@
+"""How to shard Huginn-0125's 55 heads: measured by compiling one recurrence step for a device mesh.
+
+55 heads divide no power-of-two model axis. Three ways to lay out attention, each exact:
+- `replicated`: heads not sharded (what a plain rule-based placement does when the axis does not
+  divide them): every device holds and computes all of attention;
+- `padded`: 56 heads, the 56th zero (`huginn_jax.sharding.pad_heads`), heads split over the
+  model axis (what huginn-jax does);
+- `head_dim`: 55 heads, each head's 96 dimensions split over the model axis (8 x 12).
+For each, one core step (the adapter and the 4 core blocks, with the KV cache) is compiled for the
+mesh from abstract parameters (nothing is allocated), once decoding (1 token per row, the cache
+holding `--context` positions) and once as a prefill block (`--block` tokens). It prints per
+device what XLA's compiled program reports: parameter and cache bytes (arguments), temporaries,
+flops and bytes accessed (`cost_analysis`), and the bytes moved between devices (the results of
+all-reduce, all-gather, all-to-all, reduce-scatter and collective-permute in the optimized HLO,
+once per step). CPU devices stand in for accelerators: the counts, not the timings, carry over.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.head_padding
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.head_padding --mesh=2,4 --batch=8
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments.common import quiet_jax_logs
+from huginn_jax import cli, sharding
+from huginn_jax.config import HuginnConfig, preset
+from huginn_jax.kv_cache import SHARED, KVCache
+from huginn_jax.layers import TokenPositions
+from huginn_jax.model import core_step
+from huginn_jax.params import abstract_params
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("mesh", "1,8", "DATA,MODEL: the mesh to compile for (simulated CPU devices).")
+flags.DEFINE_string("profile", "huginn-0125", "Model shape (a preset of huginn_jax.config).")
+flags.DEFINE_integer("batch", 1, "Rows (a multiple of the data axis).")
+flags.DEFINE_integer("context", 1024, "Cache positions a decoding step attends over.")
+flags.DEFINE_integer("block", 256, "Tokens of the prefill block.")
+flags.DEFINE_list("layouts", ["replicated", "padded", "head_dim"], "Attention layouts to compare.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and cache dtype (XLA:CPU computes "
+                  "bfloat16 products in float32, converting the weights into temporaries; float32 avoids that).")
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def layout(name: str, config: HuginnConfig, mesh: Any) -> tuple[HuginnConfig, dict]:
+    """(config, rules) of an attention layout."""
+    rules = sharding.default_rules(mesh)
+    if name == "replicated":
+        return config, {k: v for k, v in rules.items() if k not in sharding.HEAD_AXES}
+    if name == "padded":
+        return config.replace(kv_head_padding=sharding.head_padding(config, mesh, rules)), rules
+    if name == "head_dim":
+        model = rules["heads"]
+        return config, {**{k: v for k, v in rules.items() if k not in sharding.HEAD_AXES}, "head_dim": model}
+    raise cli.UsageError(f"--layouts: unknown layout {name!r}; choose from replicated, padded, head_dim")
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes of the results of each kind of collective in an optimized HLO module (per device)."""
+    found = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo.splitlines():
+        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if not match:
+            continue
+        found[match.group(2)] += sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                                     for dtype, dims in _SHAPE.findall(match.group(1)))
+    return found
+
+
+def compile_step(config: HuginnConfig, rules: dict, mesh: Any, batch: int, tokens: int, context: int,
+                 dtype: Any) -> dict:
+    """Compiles one core step over `tokens` tokens per row at positions ending at `context` and
+    returns its per-device measurements."""
+    param_specs = sharding.param_shardings(config, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(config, dtype), param_specs)
+    cache = jax.eval_shape(lambda: KVCache.create(config, SHARED, 1, batch, context, dtype))
+    cache_specs = sharding.cache_shardings(cache, mesh, rules)
+    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_specs)
+    rows = sharding.batch_sharding(mesh, 3)
+    state = jax.ShapeDtypeStruct((batch, tokens, config.n_embd), dtype, sharding=rows)
+    positions = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+
+    def step(params: dict, state: jax.Array, injected: jax.Array, positions: jax.Array, cache: KVCache):
+        return core_step(params, config, state, injected, TokenPositions.create(positions, config), 0, cache)
+
+    start = time.perf_counter()
+    with sharding.use(mesh, rules):
+        compiled = jax.jit(step, donate_argnums=4).lower(params, state, state, positions, cache).compile()
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"arguments_mb": memory.argument_size_in_bytes / 2**20, "temporaries_mb": memory.temp_size_in_bytes / 2**20,
+            "gflops": cost.get("flops", 0.0) / 1e9, "accessed_mb": cost.get("bytes accessed", 0.0) / 2**20,
+            "moved_mb": {k: v / 2**20 for k, v in collective_bytes(compiled.as_text()).items() if v},
+            "compile_s": time.perf_counter() - start}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
+    quiet_jax_logs()
+    try:
+        shape = sharding.parse_mesh(FLAGS.mesh)
+        mesh = sharding.make_mesh(shape)
+        sharding.check_batch(FLAGS.batch, mesh, "rows")
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
+    base = preset(FLAGS.profile)
+    print(f"{FLAGS.profile}: {base.n_heads} heads of {base.head_dim}, width {base.n_embd}; mesh data={shape[0]} x "
+          f"model={shape[1]} ({jax.devices()[0].platform}); one core step (adapter + "
+          f"{base.n_layers_in_recurrent_block} blocks), {FLAGS.dtype}, batch {FLAGS.batch}; per device:")
+    print("| layout | heads stored | step | parameters + cache MiB | temporaries MiB | GFLOP | accessed MiB | "
+          "moved between devices MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in FLAGS.layouts:
+        config, rules = layout(name, base, mesh)
+        for step, tokens, context in (("decode", 1, FLAGS.context), ("prefill", FLAGS.block, FLAGS.block)):
+            m = compile_step(config, rules, mesh, FLAGS.batch, tokens, context, jnp.dtype(FLAGS.dtype))
+            moved = ", ".join(f"{k} {v:.2f}" for k, v in m["moved_mb"].items()) or "0"
+            print(f"| {name} | {config.stored_heads} | {step} ({tokens} token{'s' * (tokens > 1)}, {context} cached) | "
+                  f"{m['arguments_mb']:.1f} | {m['temporaries_mb']:.1f} | {m['gflops']:.2f} | {m['accessed_mb']:.1f} | "
+                  f"{moved} |", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
