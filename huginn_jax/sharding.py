@@ -39,9 +39,10 @@ padding is a config field (`HuginnConfig.kv_head_padding`, never written to a ch
 parameter shapes, the cache and `check_params` agree; `shard_params` pads as far as the mesh
 needs and places the parameters; `checkpoint.restore(mesh=...)` does it at load time. The other
 exact option, splitting head_dim (96 = 8 x 12) over the model axis, sums every attention score
-over devices: measured for the Huginn-0125 shape on an 8-device mesh (`python -m
-experiments.head_padding`, BENCHMARKS.md, "Sharding the 55 heads"), it moves far more bytes
-between devices per step than the 1/55 extra compute and cache of a zero head cost.
+over devices, an all-reduce of the scores (batch x heads x queries x keys) in every layer, where
+zero heads cost 1/55 more compute and cache and no communication beyond the usual two
+all-reduces per block. `python -m experiments.head_padding` compiles one core step both ways (and
+replicated) for the Huginn-0125 shape and counts the bytes each moves between devices.
 
 Multi-host runs (one process per host) are process-level data parallel: see
 `huginn_jax.distributed`; each process builds its mesh from its own devices.
