@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import gc
 
-# The suite is dominated by compiling small programs: LLVM's cheapest optimisation level compiles
-# them about 30 % faster (running them is slower, which tiny models do not feel). It changes no
-# result the tests check (same XLA graph; the reference fixtures and bit-for-bit comparisons pass
-# either way). Set before anything initialises JAX's backend; subprocesses inherit it.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+import jax
+import pytest
 
-import gc  # noqa: E402
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-from experiments.reference_check import DEFAULT_FIXTURE, Fixture, load_fixture  # noqa: E402
+from experiments.reference_check import DEFAULT_FIXTURE, Fixture, load_fixture
 
 FIXTURE_DIR = DEFAULT_FIXTURE
 CHECKPOINT_DIR = FIXTURE_DIR / "checkpoint"
