@@ -200,7 +200,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
     """
     path, sources = Path(path).absolute(), list(sources)
     check_output_path(path, overwrite, sources)
-    with stop_on_signal():
+    with stop_on_signal() as raise_if_signalled:
         made: list[Path] = []
         tmp = path.parent / f".{path.name}.incomplete-{uuid.uuid4().hex[:8]}"
         try:
@@ -209,6 +209,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
             yield tmp
             check_output_path(path, overwrite, sources)
             with signals_held():
+                raise_if_signalled()  # a signal whose exception Python dropped must not be committed
                 _move_into_place(tmp, path)
         except OSError as err:
             failed = Path(os.path.abspath(err.filename)) if isinstance(err.filename, str) else None

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import gc
+import os
 
-import jax
+# The tests are CPU programs (TPU programs are compiled for libtpu's compile-only devices, which need
+# no accelerator): JAX must not probe for a TPU, which libtpu, installed with the test extra, would
+# otherwise do at every start, here and in every subprocess a test starts.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 import pytest
 
 from experiments.reference_check import DEFAULT_FIXTURE, Fixture, load_fixture

@@ -1,7 +1,6 @@
 """experiments.tpu_plan: every sampler of the tiny model compiled for a TPU v5e slice with libtpu's
-compile-only devices (no TPU needed; libtpu comes with the `tpu` extra, about 700 MB, so these run
-with `python -m pytest -m libtpu tests/test_tpu_plan.py` after `pip install -e ".[test,tpu]"`), so
-that a sharding mistake in the model or a sampler fails; the plan's memory, times and refusals."""
+compile-only devices (no TPU needed; libtpu comes with the test extra, about 700 MB), so that a
+sharding mistake in the model or a sampler fails the build; the plan's memory, times and refusals."""
 
 from __future__ import annotations
 
@@ -22,9 +21,9 @@ from samplers import plan
 pytestmark = pytest.mark.libtpu
 
 REPO = Path(__file__).resolve().parents[1]
-# One window for everything diffusion (fixed freeze at r=8, r'=4: 4 positions; the paper rate's
-# wavefront; the timed wavefront; the speculative lookahead), one attention view (context <= 128):
-# few programs, each compiled once.
+# Few programs, each compiled once: the narrowest diffusion window (8 positions) for the fixed
+# freeze at r=8, r'=4 and the paper rate's wavefront, 4 positions for the timed wavefront and the
+# speculative lookahead; one attention view (context <= 128).
 TINY_PLAN = ["--profile=tiny", "--prompt_tokens=4", "--context=64", "--max_wavefront=16", "--num_steps=8",
              "--wavefronts=4", "--diffusion_wavefront=4"]
 
@@ -43,7 +42,8 @@ def test_every_sampler_compiles_for_a_v5e_slice_with_rows_and_heads_split(tmp_pa
     assert (result["devices"], result["device_kind"], result["mesh"]) == (4, "TPU v5 lite", {"data": 2, "model": 2})
     names = [p["name"] for p in result["programs"]]
     assert names == ["block x4", "core step x4", "block x1", "core step x1", "block x4 (all decoded)",
-                     "sampler: static AR loop", "sampler: adaptive AR loop", "sampler: speculative rounds",
+                     "block x8 (all decoded)", "core step x8", "sampler: static AR loop", "sampler: adaptive AR loop",
+                     "sampler: speculative rounds",
                      "sampler: diffusion start", "sampler: diffusion phase (window 16)"]
     hbm = roofline.CHIPS["v5e"].hbm_bytes
     for program in result["programs"]:
