@@ -217,11 +217,12 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
                 raise OSError(err.errno, err.strerror, os.fspath(path)) from err  # writing the output failed
             raise
         finally:
-            if os.path.lexists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-            for folder in reversed(made):
-                with contextlib.suppress(OSError):  # only while empty, and only those made here
-                    folder.rmdir()
+            with signals_held():  # the cleanup runs to its end; a signal now is raised after it
+                if os.path.lexists(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                for folder in reversed(made):
+                    with contextlib.suppress(OSError):  # only while empty, and only those made here
+                        folder.rmdir()
 
 
 def _make_parents(folder: Path, made: list[Path]) -> None:

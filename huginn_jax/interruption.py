@@ -113,6 +113,7 @@ def stop_on_signal() -> Iterator[Callable[[], None]]:
 
     def raise_if_signalled() -> None:
         if state.signum is not None:
+            state.dropped = False  # raised here, where it propagates: the helper must not raise it again
             raise Interrupted(state.signum)
 
     previous_hook = sys.unraisablehook

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from huginn_jax import interruption
+from huginn_jax import checkpoint, interruption
 from huginn_jax.checkpoint import atomic_directory
 from huginn_jax.interruption import Interrupted, stop_on_signal
 
@@ -109,6 +109,21 @@ def test_raise_if_signalled_raises_what_was_dropped_even_if_not_raised_again(def
                 raise_if_signalled()
 
 
+def test_once_raised_by_the_check_it_is_not_raised_again_during_the_cleanup(default_handlers):
+    """The cleanup after `Interrupted` must run to its end: the re-raise of a dropped signal stops
+    once the check has raised it (in CI it cut `atomic_directory`'s removal of its folder short)."""
+    cleaned = False
+    with pytest.raises(KeyboardInterrupt):
+        with stop_on_signal() as raise_if_signalled:
+            try:
+                SignalOnDelete(signal.SIGINT)
+                raise_if_signalled()  # before the helper thread asks again (1 ms)
+            except Interrupted:
+                busy(0.1)  # a cleanup: no second Interrupted may arrive here
+                cleaned = True
+    assert cleaned
+
+
 def test_no_exception_without_a_signal(default_handlers):
     with stop_on_signal() as raise_if_signalled:
         busy(0.01)
@@ -136,3 +151,24 @@ def test_atomic_directory_still_commits_without_a_signal(default_handlers, tmp_p
         (tmp / "data.bin").write_bytes(b"x")
         busy(0.01)
     assert (out / "data.bin").read_bytes() == b"x"
+
+
+def test_a_signal_during_the_cleanup_of_a_failed_write_waits_for_its_end(default_handlers, tmp_path, monkeypatch):
+    """A failed write's cleanup is not cut short by a signal either: the folder is removed, then
+    the signal is honoured."""
+    out = tmp_path / "out"
+    removed = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def rmtree_with_a_signal(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # arrives while the cleanup runs
+        real_rmtree(path, *args, **kwargs)
+        removed.append(path)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_with_a_signal)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out) as tmp:
+            (tmp / "data.bin").write_bytes(b"x")
+            raise OSError("disk full")
+    assert removed and list(tmp_path.iterdir()) == []
+
