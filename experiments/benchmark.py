@@ -27,7 +27,6 @@ the deep pass, so self-speculative decoding accepts few drafts on them: it needs
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import statistics
@@ -46,22 +45,14 @@ from huginn_jax.kv_cache import CacheStrategy, cache_bytes_per_token, entry_byte
 from huginn_jax.params import init_params
 from samplers import (GenerateOutput, generate_diffusion_style, generate_minimal, generate_speculative,
                       generate_with_adaptive_compute)
+from samplers.benchmark_profile import BenchmarkProfile
 from samplers.diffusion import PRESETS as DIFFUSION_PRESETS
 
 
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    config: HuginnConfig
-    dtype: Any
-    prompt_tokens: int
-    new_tokens: int
-    num_steps: int
-
-
 PROFILES = {
-    "cpu": Profile(CPU_BENCHMARK, jnp.float32, prompt_tokens=32, new_tokens=64, num_steps=32),
-    "huginn-0125": Profile(HUGINN_0125, jnp.bfloat16, prompt_tokens=32, new_tokens=64, num_steps=32),
-    "tiny": Profile(TINY, jnp.float32, prompt_tokens=12, new_tokens=24, num_steps=8),
+    "cpu": BenchmarkProfile(CPU_BENCHMARK, jnp.float32, prompt_tokens=32, new_tokens=64, num_steps=32),
+    "huginn-0125": BenchmarkProfile(HUGINN_0125, jnp.bfloat16, prompt_tokens=32, new_tokens=64, num_steps=32),
+    "tiny": BenchmarkProfile(TINY, jnp.float32, prompt_tokens=12, new_tokens=24, num_steps=8),
 }
 
 SAMPLERS: dict[str, Callable[..., Any]] = {

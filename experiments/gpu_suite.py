@@ -49,21 +49,13 @@ from huginn_jax.params import init_params
 from huginn_jax.tasks.arithmetic import EMBEDDED_MODEL, heldout_problems
 from samplers import generate_diffusion_style, generate_minimal, generate_with_adaptive_compute
 from samplers.arithmetic_table import ROW_NAMES, sampler_table, table_rows
+from samplers.benchmark_profile import BenchmarkProfile
 from samplers.diffusion import PRESETS
 
 
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    config: HuginnConfig
-    dtype: Any
-    prompt_tokens: int
-    new_tokens: int
-    num_steps: int
-
-
 PROFILES = {
-    "huginn-0125": Profile(HUGINN_0125, jnp.bfloat16, prompt_tokens=32, new_tokens=64, num_steps=32),
-    "tiny": Profile(TINY, jnp.float32, prompt_tokens=8, new_tokens=8, num_steps=8),
+    "huginn-0125": BenchmarkProfile(HUGINN_0125, jnp.bfloat16, prompt_tokens=32, new_tokens=64, num_steps=32),
+    "tiny": BenchmarkProfile(TINY, jnp.float32, prompt_tokens=8, new_tokens=8, num_steps=8),
 }
 
 RUN_KEYS = ("ar-full", "ar-shared", "diffusion-fixed", "adaptive", "diffusion-fixed-b8", "diffusion-fixed-b32",
@@ -135,7 +127,7 @@ def mean_wavefront(stats: dict, prompt_tokens: int, inner_recurrence: int) -> fl
     return float(np.mean(positions / np.maximum(np.asarray(stats["diffusion_steps"]), 1)))
 
 
-def run_cost(profile: Profile, m: Measurement, out: Any) -> roofline.Cost:
+def run_cost(profile: BenchmarkProfile, m: Measurement, out: Any) -> roofline.Cost:
     """The weight and cache bytes and FLOPs a run's passes read and do: the prefill, then each
     token's pass (AR) or each sampler step's (diffusion) at the run's mean context."""
     config, dtype, batch = profile.config, profile.dtype, m.batch
