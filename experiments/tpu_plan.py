@@ -12,8 +12,8 @@ all on the model axis) under the project's sharding rules:
   one position per row (static and adaptive AR, speculative drafts), at the speculative lookahead,
   at the prompt (prefill) and at the diffusion wavefronts (`--wavefronts`, and the windows of the
   fixed freeze and of the paper's setting), each for every `--batch`;
-- the samplers' own programs (`--samplers`), for the memory a run needs and as the check that
-  each compiles for the mesh.
+- last, after the projections are printed, the samplers' own programs (`--samplers`), for the
+  memory a run needs and as the check that each compiles for the mesh.
 Each program's memory per chip is printed against the chip's HBM; one that does not fit stops
 the plan with what to change. Times are the compiler's `optimal_seconds` (corrected as
 `samplers.plan` explains); a sampler step costs its block passes (static AR r=32: block + 31 core
@@ -181,10 +181,6 @@ def main(argv: list[str]) -> None:
     for key in plan.step_programs(steps, batches):
         kind, batch, positions, decoded = key
         record(key, plan.compile_step(settings, place, kind, batch, positions, decoded))
-    for batch in batches:
-        for program in plan.compile_samplers(settings, place, batch, FLAGS.samplers):
-            record(None, program)
-
     rows = plan.projections(settings, steps, times, chip, len(devices))
     ar = {r["batch"]: r for r in rows if r["step"].startswith("static AR")}
     print("\n| sampler step | batch | compiler time per step | tokens/step | tokens/s | vs static AR "
@@ -195,6 +191,12 @@ def main(argv: list[str]) -> None:
         print(f"| {r['step']} | {r['batch']} | {milliseconds(r['seconds'])} | {r['tokens_per_step']:.3g} | "
               f"{r['tokens_per_s']:.4g} | {'-' if prefill else format(r['vs_static_ar'], '.2f') + 'x'} | "
               f"{r['roofline_tokens_per_s']:.4g} |")
+    if FLAGS.samplers:  # the projections come first: the samplers' own programs take longest to compile
+        print("\n| sampler program | batch | memory per chip | of HBM | compiler time | compiled in |\n"
+              "|---|---|---|---|---|---|", flush=True)
+    for batch in batches:
+        for program in plan.compile_samplers(settings, place, batch, FLAGS.samplers):
+            record(None, program)
     elapsed = time.perf_counter() - started
     print(f"\n{len(compiled)} programs compiled in {elapsed:.0f} s on {os.cpu_count()} CPU cores "
           f"({platform.processor() or platform.machine()}), jax {jax.__version__}")
