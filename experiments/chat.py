@@ -113,8 +113,6 @@ def reply(params: dict, config: Any, tokenizer: Any, session: Session, turn: int
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     if not FLAGS.checkpoint:
         raise cli.UsageError("--checkpoint is required (a converted or Hugging Face layout folder)")
     quiet_jax_logs()

@@ -194,8 +194,6 @@ def flag_values() -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
     tasks, rows = check_flags()
     output_dir = Path(FLAGS.output_dir)

@@ -119,8 +119,6 @@ def timed(run: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
     batch_files = [name for name in ("prompts_file", "prompt_ids_file") if FLAGS[name].value is not None]
     if len(batch_files) > 1 or (batch_files and (FLAGS.prompt is not None or FLAGS.prompt_ids or FLAGS.problem)):

@@ -208,8 +208,6 @@ def markdown(records: list[dict], table: list[dict], header: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     for flag, known in (("table", ROW_NAMES), ("runs", RUN_KEYS)):
         unknown = set(FLAGS[flag].value) - set(known)
         if unknown:

@@ -107,8 +107,6 @@ def compile_step(config: HuginnConfig, rules: dict, mesh: Any, batch: int, token
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
     try:
         shape = sharding.parse_mesh(FLAGS.mesh)

@@ -191,8 +191,6 @@ def run_case(fixture: Fixture, case: dict, rtol: float = 1e-5, mesh: Any = None)
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     quiet_jax_logs()
     try:
         shape = sharding.parse_mesh(FLAGS.mesh)

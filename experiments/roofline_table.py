@@ -24,8 +24,6 @@ flags.DEFINE_list("chips", ["A100-40GB", "H100", "H200", "v5e"], "Chips (huginn_
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     unknown = sorted(set(FLAGS.chips) - set(roofline.CHIPS))
     if unknown:
         raise cli.UsageError(f"--chips: unknown {unknown}; choose from {', '.join(roofline.CHIPS)}")

@@ -111,8 +111,6 @@ def milliseconds(seconds: float | None) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
     if not FLAGS.topology:
         raise cli.UsageError("--topology is required: a TPU slice such as v5e:2x4 (libtpu's names)")
     quiet_jax_logs()

@@ -36,10 +36,13 @@ def _say(message: str) -> None:
 
 def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """absl's `app.run(main)` with the project's error handling; `flags_parser` replaces absl's flag
-    parsing (as absl's: it parses absl's flags and returns the arguments for `main`)."""
+    parsing (as absl's: it parses absl's flags and returns the arguments for `main`). Without it,
+    a script takes flags only: a positional argument is a usage error."""
 
     def guarded(argv: list[str]) -> None:
         try:
+            if flags_parser is None and len(argv) > 1:
+                raise UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
             main(argv)
         except UsageError as err:
             _say(str(err))
