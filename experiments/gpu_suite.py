@@ -194,7 +194,8 @@ def markdown(records: list[dict], table: list[dict], header: str) -> str:
         roof = "n/a" if r["roofline_tokens_per_s"] is None else f"{r['roofline_tokens_per_s']:.4g}"
         wavefront = f"{r['mean_wavefront']:.1f}" if "mean_wavefront" in r else ""
         lines.append(f"| {r['name']} | {r['batch']} | {r['tokens_per_s']:.4g} | {ratio} | {r['mean_recurrence']:.1f} | "
-                     f"{r.get('diffusion_steps', '')} | {wavefront} | {roofline.format_bytes(r['bytes'] / r['tokens'])} | "
+                     f"{r.get('diffusion_steps', '')} | {wavefront} | "
+                     f"{roofline.format_bytes(r['bytes'] / r['tokens'])} | "
                      f"{roof} | {percent(r['hbm_fraction'])} | {percent(r['roofline_fraction'])} |")
     if table:
         lines += ["", "Embedded arithmetic model, every problem at batch 1 (steady-state roofline per token):", "",

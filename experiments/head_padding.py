@@ -20,13 +20,10 @@ once per step). CPU devices stand in for accelerators: the counts, not the timin
 
 from __future__ import annotations
 
-import re
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from experiments.common import quiet_jax_logs
@@ -36,9 +33,12 @@ from huginn_jax.kv_cache import SHARED, KVCache
 from huginn_jax.layers import TokenPositions
 from huginn_jax.model import core_step
 from huginn_jax.params import abstract_params
+from samplers import plan
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("mesh", "1,8", "DATA,MODEL: the mesh to compile for (simulated CPU devices).")
+flags.DEFINE_string("mesh", "", "DATA,MODEL: the mesh to compile for (default: every device on the model axis).")
+flags.DEFINE_string("topology", "", "Compile for this TPU slice's compile-only devices (libtpu, e.g. v5e:2x4) "
+                    "instead of this machine's devices; the compiler then also estimates each step's time.")
 flags.DEFINE_string("profile", "huginn-0125", "Model shape (a preset of huginn_jax.config).")
 flags.DEFINE_integer("batch", 1, "Rows (a multiple of the data axis).")
 flags.DEFINE_integer("context", 1024, "Cache positions a decoding step attends over.")
@@ -46,12 +46,6 @@ flags.DEFINE_integer("block", 256, "Tokens of the prefill block.")
 flags.DEFINE_list("layouts", ["replicated", "padded", "head_dim"], "Attention layouts to compare.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and cache dtype (XLA:CPU computes "
                   "bfloat16 products in float32, converting the weights into temporaries; float32 avoids that).")
-
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-
 
 def layout(name: str, config: HuginnConfig, mesh: Any) -> tuple[HuginnConfig, dict]:
     """(config, rules) of an attention layout."""
@@ -64,18 +58,6 @@ def layout(name: str, config: HuginnConfig, mesh: Any) -> tuple[HuginnConfig, di
         model = rules["heads"]
         return config, {**{k: v for k, v in rules.items() if k not in sharding.HEAD_AXES}, "head_dim": model}
     raise cli.UsageError(f"--layouts: unknown layout {name!r}; choose from replicated, padded, head_dim")
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes of the results of each kind of collective in an optimized HLO module (per device)."""
-    found = dict.fromkeys(COLLECTIVES, 0)
-    for line in hlo.splitlines():
-        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if not match:
-            continue
-        found[match.group(2)] += sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                                     for dtype, dims in _SHAPE.findall(match.group(1)))
-    return found
 
 
 def compile_step(config: HuginnConfig, rules: dict, mesh: Any, batch: int, tokens: int, context: int,
@@ -95,40 +77,57 @@ def compile_step(config: HuginnConfig, rules: dict, mesh: Any, batch: int, token
     def step(params: dict, state: jax.Array, injected: jax.Array, positions: jax.Array, cache: KVCache):
         return core_step(params, config, state, injected, TokenPositions.create(positions, config), 0, cache)
 
-    start = time.perf_counter()
-    with sharding.use(mesh, rules):
-        compiled = jax.jit(step, donate_argnums=4).lower(params, state, state, positions, cache).compile()
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {"arguments_mb": memory.argument_size_in_bytes / 2**20, "temporaries_mb": memory.temp_size_in_bytes / 2**20,
-            "gflops": cost.get("flops", 0.0) / 1e9, "accessed_mb": cost.get("bytes accessed", 0.0) / 2**20,
-            "moved_mb": {k: v / 2**20 for k, v in collective_bytes(compiled.as_text()).items() if v},
-            "compile_s": time.perf_counter() - start}
+    # a fresh function per layout: JAX retraces for a new mesh, not for new rules (sharding.use)
+    compiled = plan.compile_program(f"core step x{tokens}", step, (params, state, state, positions, cache),
+                                    batch=batch, positions=tokens, mesh=mesh, donate=(4,), rules=rules)
+    return {"arguments_mb": compiled.argument_bytes / 2**20, "temporaries_mb": compiled.temp_bytes / 2**20,
+            "gflops": compiled.flops / 1e9, "accessed_mb": compiled.bytes_accessed / 2**20,
+            "moved_mb": {k: v / 2**20 for k, v in compiled.collective_bytes.items() if v},
+            "seconds": compiled.seconds, "compile_s": compiled.compile_seconds}
+
+
+def devices_and_mesh(topology: str, mesh_flag: str) -> tuple[Any, str]:
+    """The mesh to compile for (a TPU slice's compile-only devices, or this process's devices) and
+    a name of its devices; usage errors name the flag."""
+    try:
+        shape = sharding.parse_mesh(mesh_flag)
+        if topology:
+            devices = plan.tpu_devices(topology)
+            return plan.plan_mesh(devices, shape), f"{topology}, {devices[0].device_kind}"
+        devices = jax.devices()
+        return sharding.make_mesh(shape or (1, len(devices)), devices), devices[0].platform
+    except plan.PlanOptionError as err:
+        raise cli.UsageError(str(err)) from None
+    except plan.PlanError:
+        raise
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
 
 
 def main(argv: list[str]) -> None:
     quiet_jax_logs()
+    mesh, where = devices_and_mesh(FLAGS.topology, FLAGS.mesh)
     try:
-        shape = sharding.parse_mesh(FLAGS.mesh)
-        mesh = sharding.make_mesh(shape)
         sharding.check_batch(FLAGS.batch, mesh, "rows")
     except ValueError as err:
-        raise cli.UsageError(str(err)) from None
+        raise cli.UsageError(f"--batch={FLAGS.batch}: {err}") from None
+    data, model = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
     base = preset(FLAGS.profile)
-    print(f"{FLAGS.profile}: {base.n_heads} heads of {base.head_dim}, width {base.n_embd}; mesh data={shape[0]} x "
-          f"model={shape[1]} ({jax.devices()[0].platform}); one core step (adapter + "
-          f"{base.n_layers_in_recurrent_block} blocks), {FLAGS.dtype}, batch {FLAGS.batch}; per device:")
+    print(f"{FLAGS.profile}: {base.n_heads} heads of {base.head_dim}, width {base.n_embd}; mesh data={data} x "
+          f"model={model} ({where}); one core step (adapter + {base.n_layers_in_recurrent_block} blocks), "
+          f"{FLAGS.dtype}, batch {FLAGS.batch}; per device:")
     print("| layout | heads stored | step | parameters + cache MiB | temporaries MiB | GFLOP | accessed MiB | "
-          "moved between devices MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "moved between devices MiB | compiler time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in FLAGS.layouts:
         config, rules = layout(name, base, mesh)
         for step, tokens, context in (("decode", 1, FLAGS.context), ("prefill", FLAGS.block, FLAGS.block)):
             m = compile_step(config, rules, mesh, FLAGS.batch, tokens, context, jnp.dtype(FLAGS.dtype))
             moved = ", ".join(f"{k} {v:.2f}" for k, v in m["moved_mb"].items()) or "0"
+            seconds = "-" if m["seconds"] is None else f"{m['seconds'] * 1e3:.3g} ms"
             print(f"| {name} | {config.stored_heads} | {step} ({tokens} token{'s' * (tokens > 1)}, {context} cached) | "
                   f"{m['arguments_mb']:.1f} | {m['temporaries_mb']:.1f} | {m['gflops']:.2f} | {m['accessed_mb']:.1f} | "
-                  f"{moved} |", flush=True)
+                  f"{moved} | {seconds} |", flush=True)
 
 
 if __name__ == "__main__":

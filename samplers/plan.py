@@ -243,6 +243,25 @@ def _abstract(a: Any, where: NamedSharding) -> jax.ShapeDtypeStruct:
 
 # ---------------------------------------------------------------- compiling and reading the analyses
 
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes of the results of each kind of collective in an optimized HLO module (per device, each
+    instruction counted once: a loop body's collectives once per program, not per iteration)."""
+    found = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match:
+            found[match.group(2)] += sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+                                         for dtype, dims in _SHAPE.findall(match.group(1)))
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """One compiled program: its memory per chip (bytes) and the compiler's cost numbers."""
@@ -260,6 +279,7 @@ class Compiled:
     optimal_seconds: float  # as the compiler reports it
     unknown_cost_calls: int  # custom calls the cost model charged -1 s
     compile_seconds: float
+    collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # per chip, by kind of collective
 
     @property
     def per_chip_bytes(self) -> int:
@@ -275,10 +295,12 @@ class Compiled:
 
 
 def compile_program(name: str, fn: Callable, args: Sequence[Any], *, batch: int, positions: int = 0,
-                    mesh: Mesh, donate: Sequence[int] = (), static: dict[str, Any] | None = None) -> Compiled:
-    """Lowers and compiles `fn(*args, **static)` under `mesh` and reads its analyses."""
+                    mesh: Mesh, donate: Sequence[int] = (), static: dict[str, Any] | None = None,
+                    rules: sharding.ShardingRules | None = None) -> Compiled:
+    """Lowers and compiles `fn(*args, **static)` under `mesh` (and `rules`, default the project's)
+    and reads its analyses."""
     start = time.perf_counter()
-    with sharding.use(mesh):
+    with sharding.use(mesh, rules):
         # a jitted function keeps its own static and donated arguments
         jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=tuple(donate))
         try:
@@ -298,9 +320,10 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], *, batch: int,
     return Compiled(name=name, batch=batch, positions=positions, argument_bytes=memory.argument_size_in_bytes,
                     output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
                     temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
-                    flops=float(cost.get("flops", math.nan)), bytes_accessed=float(cost.get("bytes accessed", math.nan)),
+                    flops=float(cost.get("flops", math.nan)),
+                    bytes_accessed=float(cost.get("bytes accessed", math.nan)),
                     optimal_seconds=float(cost.get("optimal_seconds", math.nan)), unknown_cost_calls=unknown,
-                    compile_seconds=seconds)
+                    compile_seconds=seconds, collective_bytes=collective_bytes(text))
 
 
 # ---------------------------------------------------------------- step programs
@@ -412,7 +435,8 @@ def sampler_steps(settings: PlanSettings, rates: Rates) -> list[roofline.Sampler
         roofline.diffusion_step(s.inner_recurrence, paper_window, rates.diffusion_tokens_per_step, c,
                                 "diffusion, paper-main"),
     ]
-    steps += [roofline.diffusion_step(s.inner_recurrence, w, 1.0, c, "diffusion step, 1 token/step") for w in s.wavefronts]
+    steps += [roofline.diffusion_step(s.inner_recurrence, w, 1.0, c, "diffusion step, 1 token/step")
+              for w in s.wavefronts]
     # the step programs' cache holds the whole context, the prefill's too
     steps[0] = dataclasses.replace(steps[0], passes=(dataclasses.replace(steps[0].passes[0], context=c),))
     return steps
@@ -524,4 +548,31 @@ def projections(settings: PlanSettings, steps: Sequence[roofline.SamplerStep],
                          "roofline_tokens_per_s": cost.tokens_per_second(chip, chips),
                          "weight_bytes": cost.weight_bytes, "cache_bytes": cost.cache_bytes,
                          "tokens_per_step": tokens})
+    return rows
+
+
+# ---------------------------------------------------------------- plans of many slices side by side
+
+SUMMARY_STEPS = {"static AR r=": "static AR", "adaptive AR": "adaptive AR", "self-speculative": "self-speculative",
+                 "diffusion, fixed freeze": "diffusion, fixed freeze", "diffusion, paper-main": "diffusion, paper-main"}
+
+
+def summary_rows(plan_record: dict) -> list[dict]:
+    """Per batch of one plan (the JSON `tpu_plan --output` writes): the projected tokens/s of each
+    sampler (`SUMMARY_STEPS`), paper-main diffusion against static AR, and the largest step program's
+    memory per chip; for comparing slices side by side."""
+    rows = []
+    for batch in plan_record["settings"]["batches"]:
+        row = {"topology": plan_record["topology"], "devices": plan_record["devices"], "mesh": plan_record["mesh"],
+               "batch": batch, "tokens_per_s": {}}
+        for step in plan_record["projections"]:
+            label = next((v for k, v in SUMMARY_STEPS.items() if step["step"].startswith(k)), None)
+            if label and step["batch"] == batch:
+                row["tokens_per_s"][label] = step["tokens_per_s"]
+        tps = row["tokens_per_s"]
+        row["diffusion_vs_ar"] = tps["diffusion, paper-main"] / tps["static AR"]
+        steps = [p for p in plan_record["programs"] if p["batch"] == batch and p["positions"]]
+        row["most_bytes_per_chip"] = max(p["per_chip_bytes"] for p in steps)
+        row["hbm_bytes"] = plan_record["chip"]["hbm_bytes"]
+        rows.append(row)
     return rows

@@ -273,9 +273,10 @@ def check_stops(ctx: Context, state: Diffusion, decision: freeze.Decision, seq: 
 
         def reference_check() -> Array:
             positions = jnp.arange(seq.shape[1])[None, :]
-            span = jnp.where(decision.latent, (positions >= state.memory.k[:, None]) & (positions < decision.k[:, None]),
-                             (positions >= (decision.frozen - ctx.plan.headway)[:, None])
-                             & (positions < decision.frozen[:, None]))
+            latent_span = (positions >= state.memory.k[:, None]) & (positions < decision.k[:, None])
+            headway_span = ((positions >= (decision.frozen - ctx.plan.headway)[:, None])
+                            & (positions < decision.frozen[:, None]))
+            span = jnp.where(decision.latent, latent_span, headway_span)
             return (state.step > ctx.settings.num_steps) & jnp.any(jnp.isin(seq, ctx.stops.ids) & span, axis=1)
 
         compatible = ctx.settings.compatible
@@ -323,7 +324,8 @@ def advance(ctx: Context, state: Diffusion, win: Window, embeds: Array, placed: 
             stop_state=stopped.stop_state)
         # A batch of one runs only while its sequence does: nothing to keep.
         kept = new if win.active.shape[0] == 1 else keep_rows(win.active, new, state.replace(tablets=None))
-        tablets = record_tablets(ctx, state, win.active & ~finished, new, decision) if state.tablets is not None else None
+        tablets = (record_tablets(ctx, state, win.active & ~finished, new, decision)
+                   if state.tablets is not None else None)
         return kept.replace(tablets=tablets), raised
 
 
