@@ -12,8 +12,11 @@ holding `--context` positions) and once as a prefill block (`--block` tokens). I
 device what XLA's compiled program reports: parameter and cache bytes (arguments), temporaries,
 flops and bytes accessed (`cost_analysis`), and the bytes moved between devices (the results of
 all-reduce, all-gather, all-to-all, reduce-scatter and collective-permute in the optimized HLO,
-once per step). CPU devices stand in for accelerators: the counts, not the timings, carry over.
+once per step). With `--topology` the programs are compiled for a TPU slice's compile-only
+devices (libtpu; no TPU needed) and the compiler also estimates each step's time; without it,
+this machine's devices (simulated CPU devices: the counts carry over, there is no time).
 
+    python -m experiments.head_padding --topology=v5e:2x4 --dtype=bfloat16   # BENCHMARKS.md
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.head_padding
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.head_padding --mesh=2,4 --batch=8
 """
