@@ -36,6 +36,7 @@ def load_rows(folder: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown: a row per slice and batch, the projected tokens/s of each sampler side by side."""
     names = list(SUMMARY_STEPS.values())
     lines = ["| slice | mesh | batch | " + " | ".join(f"{n} tokens/s" for n in names)
              + " | paper-main / static AR | largest step program per chip |",
@@ -50,6 +51,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """A panel per batch size: bars of projected tokens/s per slice and sampler (log scale)."""
     try:
         plt = pyplot()
     except ImportError as err:
