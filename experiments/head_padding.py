@@ -127,10 +127,9 @@ def main(argv: list[str]) -> None:
         for step, tokens, context in (("decode", 1, FLAGS.context), ("prefill", FLAGS.block, FLAGS.block)):
             m = compile_step(config, rules, mesh, FLAGS.batch, tokens, context, jnp.dtype(FLAGS.dtype))
             moved = ", ".join(f"{k} {v:.2f}" for k, v in m["moved_mb"].items()) or "0"
-            seconds = "-" if m["seconds"] is None else f"{m['seconds'] * 1e3:.3g} ms"
             print(f"| {name} | {config.stored_heads} | {step} ({tokens} token{'s' * (tokens > 1)}, {context} cached) | "
                   f"{m['arguments_mb']:.1f} | {m['temporaries_mb']:.1f} | {m['gflops']:.2f} | {m['accessed_mb']:.1f} | "
-                  f"{moved} | {seconds} |", flush=True)
+                  f"{moved} | {plan.milliseconds(m['seconds'])} |", flush=True)
 
 
 if __name__ == "__main__":

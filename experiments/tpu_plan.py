@@ -26,7 +26,6 @@ trained model's: by default the embedded arithmetic model's, measured by `--meas
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -102,14 +101,6 @@ def measured_rates(problems: int, num_steps: int) -> plan.Rates:
                       source=f"measured now on the embedded arithmetic model, {problems} held-out problems")
 
 
-def gib(n: float) -> str:
-    return f"{n / roofline.GIB:.2f} GiB"
-
-
-def milliseconds(seconds: float | None) -> str:
-    return "n/a" if seconds is None or not math.isfinite(seconds) else f"{1e3 * seconds:.3g} ms"
-
-
 def main(argv: list[str]) -> None:
     if not FLAGS.topology:
         raise cli.UsageError("--topology is required: a TPU slice such as v5e:2x4 (libtpu's names)")
@@ -166,8 +157,8 @@ def main(argv: list[str]) -> None:
 
     def record(key: tuple | None, program: plan.Compiled) -> None:
         compiled.append(program)
-        print(f"| {program.name} | {program.batch} | {gib(program.per_chip_bytes)} | "
-              f"{100 * program.per_chip_bytes / chip.hbm_bytes:.0f} % | {milliseconds(program.seconds)} | "
+        print(f"| {program.name} | {program.batch} | {plan.gib(program.per_chip_bytes)} | "
+              f"{100 * program.per_chip_bytes / chip.hbm_bytes:.0f} % | {plan.milliseconds(program.seconds)} | "
               f"{program.compile_seconds:.0f} s |", flush=True)
         plan.check_fits(program, chip, settings, mesh)
         if key is not None:
@@ -186,7 +177,7 @@ def main(argv: list[str]) -> None:
     for r in rows:
         prefill = r["step"].startswith("prefill")
         r["vs_static_ar"] = None if prefill else r["tokens_per_s"] / ar[r["batch"]]["tokens_per_s"]
-        print(f"| {r['step']} | {r['batch']} | {milliseconds(r['seconds'])} | {r['tokens_per_step']:.3g} | "
+        print(f"| {r['step']} | {r['batch']} | {plan.milliseconds(r['seconds'])} | {r['tokens_per_step']:.3g} | "
               f"{r['tokens_per_s']:.4g} | {'-' if prefill else format(r['vs_static_ar'], '.2f') + 'x'} | "
               f"{r['roofline_tokens_per_s']:.4g} |")
     if FLAGS.samplers:  # the projections come first: the samplers' own programs take longest to compile

@@ -13,7 +13,7 @@ from absl import flags
 
 from experiments.common import pyplot
 from huginn_jax import cli
-from samplers.plan import SUMMARY_STEPS, summary_rows
+from samplers.plan import SUMMARY_STEPS, gib, summary_rows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("plans", "benchmarks/tpu_plans", "A folder of plan JSON files (tpu_plan --output).")
@@ -45,7 +45,7 @@ def table(rows: list[dict]) -> str:
         mesh = f"{r['mesh']['data']}x{r['mesh']['model']}"
         lines.append(f"| {r['topology']} | {mesh} | {r['batch']} | "
                      + " | ".join(f"{r['tokens_per_s'][n]:.4g}" for n in names)
-                     + f" | {r['diffusion_vs_ar']:.2f}x | {r['most_bytes_per_chip'] / 2**30:.2f} GiB "
+                     + f" | {r['diffusion_vs_ar']:.2f}x | {gib(r['most_bytes_per_chip'])} "
                      f"({100 * r['most_bytes_per_chip'] / r['hbm_bytes']:.0f} %) |")
     return "\n".join(lines)
 

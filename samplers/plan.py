@@ -553,6 +553,16 @@ def projections(settings: PlanSettings, steps: Sequence[roofline.SamplerStep],
 
 # ---------------------------------------------------------------- plans of many slices side by side
 
+def gib(n: float) -> str:
+    """Bytes as GiB, as every plan table writes them."""
+    return f"{n / roofline.GIB:.2f} GiB"
+
+
+def milliseconds(seconds: float | None) -> str:
+    """A compiler time as the plan tables write it; "n/a" where the compiler gave none."""
+    return "n/a" if seconds is None or not math.isfinite(seconds) else f"{1e3 * seconds:.3g} ms"
+
+
 SUMMARY_STEPS = {"static AR r=": "static AR", "adaptive AR": "adaptive AR", "self-speculative": "self-speculative",
                  "diffusion, fixed freeze": "diffusion, fixed freeze", "diffusion, paper-main": "diffusion, paper-main"}
 
